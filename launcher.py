@@ -1,0 +1,202 @@
+"""Start, kill, freeze and restart the real processes: a private MariaDB server and the
+four saga processes. Used by the tests, chaos.py and bench.py (not by the demo, which
+uses the machine's MariaDB and honcho)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import mysql.connector
+import requests
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROCESSES = ("orchestrator", "service_a", "service_b", "service_c")
+SBIN = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/bin", "/usr/local/bin",
+        "/opt/homebrew/sbin")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_binary(*names):
+    path = os.environ.get("PATH", "") + os.pathsep + os.pathsep.join(SBIN)
+    for name in names:
+        found = shutil.which(name, path=path)
+        if found:
+            return found
+    raise FileNotFoundError(f"none of {names} found; run ./run.sh test to install MariaDB")
+
+
+def wait_for(condition, timeout, what, interval=0.05):
+    """Poll `condition` until it returns a truthy value or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class PrivateMariaDB:
+    """A throwaway MariaDB server in its own data directory, on its own port, so tests
+    can restart or kill the database without touching the machine's own server."""
+
+    def __init__(self, basedir, port=None):
+        self.basedir = basedir
+        self.datadir = os.path.join(basedir, "data")
+        self.socket = os.path.join(basedir, "mariadb.sock")
+        self.port = port or free_port()
+        self.proc = None
+
+    def install(self):
+        os.makedirs(self.datadir, exist_ok=True)
+        user = ["--user=root"] if os.geteuid() == 0 else []
+        subprocess.run([find_binary("mariadb-install-db", "mysql_install_db"), "--no-defaults",
+                        f"--datadir={self.datadir}", "--auth-root-authentication-method=normal",
+                        "--skip-test-db", *user],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def start(self):
+        user = ["--user=root"] if os.geteuid() == 0 else []
+        self.log_path = os.path.join(self.basedir, "mariadb.log")
+        self.proc = subprocess.Popen(
+            [find_binary("mariadbd", "mysqld"), "--no-defaults", f"--datadir={self.datadir}",
+             f"--socket={self.socket}", f"--port={self.port}", "--bind-address=127.0.0.1",
+             f"--pid-file={os.path.join(self.basedir, 'mariadb.pid')}",
+             f"--log-error={self.log_path}", "--skip-name-resolve",
+             "--innodb-buffer-pool-size=256M", "--innodb-flush-log-at-trx-commit=1",
+             "--max-connections=500", *user],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._accepts, 60, "MariaDB to accept connections", 0.1)
+
+    def _accepts(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"mariadbd exited; see {self.log_path}")
+        try:
+            mysql.connector.connect(unix_socket=self.socket, user="root").close()
+            return True
+        except mysql.connector.Error:
+            return False
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(60)
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def root(self, *statements):
+        conn = mysql.connector.connect(unix_socket=self.socket, user="root", autocommit=True)
+        try:
+            cur = conn.cursor()
+            for sql in statements:
+                cur.execute(sql)
+        finally:
+            conn.close()
+
+    def create_database(self, name, user="saga", password="saga"):
+        """A fresh database with schema.sql applied, and `user` holding rights on it only."""
+        self.root(f"DROP DATABASE IF EXISTS `{name}`", f"CREATE DATABASE `{name}` "
+                  "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
+                  f"CREATE USER IF NOT EXISTS '{user}'@'127.0.0.1' IDENTIFIED BY '{password}'",
+                  f"CREATE USER IF NOT EXISTS '{user}'@'localhost' IDENTIFIED BY '{password}'",
+                  f"GRANT ALL PRIVILEGES ON `{name}`.* TO '{user}'@'127.0.0.1'",
+                  f"GRANT ALL PRIVILEGES ON `{name}`.* TO '{user}'@'localhost'")
+        with open(os.path.join(HERE, "schema.sql"), "rb") as schema:
+            subprocess.run([find_binary("mariadb", "mysql"), "--no-defaults", "-h127.0.0.1",
+                            f"-P{self.port}", f"-u{user}", f"-p{password}", name],
+                           stdin=schema, check=True)
+        return name
+
+
+class System:
+    """The four saga processes, each `python <file>.py` in its own process group with
+    its log in `logdir`, configured only through the environment."""
+
+    def __init__(self, logdir, env):
+        self.logdir = logdir
+        self.ports = {name: free_port() for name in PROCESSES}
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1",
+                    "ORCHESTRATOR_PORT": str(self.ports["orchestrator"]),
+                    "SERVICE_A_PORT": str(self.ports["service_a"]),
+                    "SERVICE_B_PORT": str(self.ports["service_b"]),
+                    "SERVICE_C_PORT": str(self.ports["service_c"]),
+                    "SERVICE_A_URL": f"http://127.0.0.1:{self.ports['service_a']}",
+                    "SERVICE_B_URL": f"http://127.0.0.1:{self.ports['service_b']}",
+                    "SERVICE_C_URL": f"http://127.0.0.1:{self.ports['service_c']}"}
+        self.procs = {}
+        self.frozen = set()
+
+    def url(self, name="orchestrator"):
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+    def start(self, *names):
+        names = names or PROCESSES
+        for name in names:
+            log = open(os.path.join(self.logdir, f"{name}.log"), "ab")
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, f"{name}.py")], cwd=HERE, env=self.env,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            log.close()
+        for name in names:
+            self.wait_healthy(name)
+
+    def wait_healthy(self, name, timeout=30):
+        def healthy():
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.procs[name].returncode}; "
+                                   f"see {self.logdir}/{name}.log")
+            try:
+                return requests.get(self.url(name) + "/health", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+        wait_for(healthy, timeout, f"{name} to be healthy")
+
+    def alive(self, name):
+        return name in self.procs and self.procs[name].poll() is None
+
+    def signal(self, name, sig):
+        os.killpg(self.procs[name].pid, sig)
+
+    def kill(self, name):
+        """kill -9 the process and every worker it forked."""
+        if self.alive(name):
+            self.signal(name, signal.SIGKILL)
+            self.procs[name].wait(10)
+        self.frozen.discard(name)
+
+    def freeze(self, name):
+        self.signal(name, signal.SIGSTOP)
+        self.frozen.add(name)
+
+    def thaw(self, name):
+        self.signal(name, signal.SIGCONT)
+        self.frozen.discard(name)
+
+    def restart(self, name):
+        self.kill(name)
+        self.start(name)
+
+    def stop(self):
+        for name in list(self.procs):
+            if name in self.frozen:
+                self.thaw(name)
+            if self.alive(name):
+                self.signal(name, signal.SIGTERM)
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill(name)

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The two commands of the README, on a fresh Debian/Ubuntu or macOS (Homebrew) machine:
+#   ./run.sh demo          install what is missing, set up saga_db, start all four processes
+#   ./run.sh test [args]   install what is missing, run the whole test suite (args go to pytest)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+
+APT_UPDATED=
+apt_install() {
+  [ -n "$APT_UPDATED" ] || { as_root apt-get update -qq; APT_UPDATED=1; }
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+install_system_packages() {   # $1 = demo | test
+  if have apt-get; then
+    local missing=()
+    have mariadbd || have mysqld || missing+=(mariadb-server)
+    have mariadb || have mysql || missing+=(mariadb-client)
+    python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null \
+      || missing+=(python3-venv)
+    [ "$1" = test ] && ! have chromium && missing+=(chromium)
+    if [ ${#missing[@]} -gt 0 ]; then
+      echo "==> installing ${missing[*]}"
+      apt_install "${missing[@]}"
+    fi
+  elif have brew; then
+    have mariadbd || have mysqld || { echo "==> brew install mariadb"; brew install mariadb; }
+  else
+    echo "Install MariaDB (or MySQL) and python3 yourself, then run this again." >&2
+    exit 1
+  fi
+}
+
+setup_venv() {
+  local stamp=.venv/.requirements
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  if ! cmp -s requirements.txt "$stamp"; then
+    echo "==> installing Python packages into .venv"
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -r requirements.txt
+    cp requirements.txt "$stamp"
+  fi
+}
+
+db_admin() {   # run SQL as the server's administrator (socket authentication)
+  if [ "$(id -u)" = 0 ]; then mariadb -uroot "$@"
+  elif mariadb "$@" 2>/dev/null </dev/null; then mariadb "$@"
+  else sudo mariadb -uroot "$@"; fi
+}
+
+start_database() {
+  local host=${SAGA_DB_HOST:-127.0.0.1} port=${SAGA_DB_PORT:-3306}
+  if ! mariadb-admin ping -h"$host" -P"$port" --silent 2>/dev/null; then
+    echo "==> starting the MariaDB server"
+    if have brew; then brew services start mariadb
+    elif have service; then as_root service mariadb start || as_root service mysql start
+    else as_root mysqld_safe >/dev/null 2>&1 & fi
+    for _ in $(seq 60); do
+      mariadb-admin ping -h"$host" -P"$port" --silent 2>/dev/null && break; sleep 0.5
+    done
+  fi
+}
+
+provision_database() {
+  local name=${SAGA_DB_NAME:-saga_db} user=${SAGA_DB_USER:-saga} pass=${SAGA_DB_PASSWORD:-saga}
+  echo "==> creating database $name and its user $user (rights on $name only)"
+  db_admin <<SQL
+CREATE DATABASE IF NOT EXISTS \`$name\` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;
+CREATE USER IF NOT EXISTS '$user'@'localhost' IDENTIFIED BY '$pass';
+CREATE USER IF NOT EXISTS '$user'@'127.0.0.1' IDENTIFIED BY '$pass';
+GRANT ALL PRIVILEGES ON \`$name\`.* TO '$user'@'localhost';
+GRANT ALL PRIVILEGES ON \`$name\`.* TO '$user'@'127.0.0.1';
+SQL
+  MYSQL_PWD="$pass" mariadb -h"${SAGA_DB_HOST:-127.0.0.1}" -P"${SAGA_DB_PORT:-3306}" \
+    -u"$user" "$name" < schema.sql
+}
+
+case "${1:-}" in
+  demo)
+    install_system_packages demo
+    setup_venv
+    start_database
+    provision_database
+    echo "==> starting the orchestrator (:${ORCHESTRATOR_PORT:-5000}) and services A, B, C"
+    echo "    try: curl -X POST localhost:5000/start -H 'Content-Type: application/json' \\"
+    echo "           -d '{\"username\":\"john_doe\",\"address\":\"123 Main St\",\"payment\":\"Visa\"}'"
+    PATH="$PWD/.venv/bin:$PATH" exec .venv/bin/honcho -f Procfile start
+    ;;
+  test)
+    shift
+    install_system_packages test
+    setup_venv
+    exec .venv/bin/python -m pytest "$@"
+    ;;
+  *)
+    echo "usage: $0 demo | test [pytest args]" >&2
+    exit 2
+    ;;
+esac
