@@ -443,4 +443,5 @@ def serve(app_factory, port, settings, name):
 
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    logging.getLogger("mysql.connector").setLevel(logging.WARNING)
     Server().run()

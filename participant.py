@@ -4,13 +4,14 @@ over one business table. Each service file supplies only its table part (a Part)
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import mysql.connector
 from mysql.connector import errorcode
-from flask import Flask, jsonify, request
+from flask import Flask, g, jsonify, request
 
 from common import (MAX_BODY_BYTES, BadRequest, Database, FaultStore, error,
                     initial_fault, install_error_handlers, json_object, load_settings,
@@ -39,17 +40,27 @@ def create_service_app(part, settings=None, faults=None):
     db = Database(settings)
     faults = faults or FaultStore(initial_fault(settings, part.service))
     install_error_handlers(app)
+    in_flight = InFlight()
 
     @app.before_request
     def require_token():
         if request.path != "/health" and not token_ok(settings):
             return error(401, "missing or wrong bearer token")
+        if request.path in ("/invoke", "/compensate"):
+            in_flight.enter()
+            g.counted = True
+
+    @app.teardown_request
+    def count_done(exc):
+        if g.pop("counted", False):
+            in_flight.leave()
 
     @app.get("/health")
     def health():
         up = db.ping()
         body = {"service": part.service, "status": "ok" if up else "degraded",
-                "database": "up" if up else "down", "faults": faults.get()["fault"]}
+                "database": "up" if up else "down", "faults": faults.get()["fault"],
+                "in_flight": in_flight.count}
         return jsonify(body), 200 if up else 503
 
     @app.post("/invoke")
@@ -112,6 +123,23 @@ def create_service_app(part, settings=None, faults=None):
         return jsonify(faults.get())
 
     return app
+
+
+class InFlight:
+    """How many calls this worker is serving: lets a test or an operator see that a
+    hung call has finished (and so whether a late write could still land)."""
+
+    def __init__(self):
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def enter(self):
+        with self._lock:
+            self.count += 1
+
+    def leave(self):
+        with self._lock:
+            self.count -= 1
 
 
 def read_saga_id(body):
