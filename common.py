@@ -208,12 +208,12 @@ class Database:
 MAX_BODY_BYTES = 64 * 1024
 
 
-def error(status, message, field=None, **extra):
+def error(http_status, message, field=None, **extra):
     body = {"error": message}
     if field is not None:
         body["field"] = field
     body.update(extra)
-    return jsonify(body), status
+    return jsonify(body), http_status
 
 
 class BadRequest(Exception):
