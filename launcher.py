@@ -125,9 +125,11 @@ class System:
     """The four saga processes, each `python <file>.py` in its own process group with
     its log in `logdir`, configured only through the environment."""
 
-    def __init__(self, logdir, env):
+    def __init__(self, logdir, env, orchestrators=1):
         self.logdir = logdir
-        self.ports = {name: free_port() for name in PROCESSES}
+        # Extra orchestrators ("orchestrator2", ...) share the database and the services.
+        self.names = PROCESSES + tuple(f"orchestrator{n}" for n in range(2, orchestrators + 1))
+        self.ports = {name: free_port() for name in self.names}
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1",
                     "ORCHESTRATOR_PORT": str(self.ports["orchestrator"]),
                     "SERVICE_A_PORT": str(self.ports["service_a"]),
@@ -143,11 +145,13 @@ class System:
         return f"http://127.0.0.1:{self.ports[name]}"
 
     def start(self, *names):
-        names = names or PROCESSES
+        names = names or self.names
         for name in names:
             log = open(os.path.join(self.logdir, f"{name}.log"), "ab")
+            script = "orchestrator.py" if name.startswith("orchestrator") else f"{name}.py"
+            env = {**self.env, "ORCHESTRATOR_PORT": str(self.ports[name])}
             self.procs[name] = subprocess.Popen(
-                [sys.executable, os.path.join(HERE, f"{name}.py")], cwd=HERE, env=self.env,
+                [sys.executable, os.path.join(HERE, script)], cwd=HERE, env=env,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             log.close()
         for name in names:

@@ -169,10 +169,10 @@ def make_system(mariadb, tmp_path):
     """A separate system on its own database, for tests that need other settings."""
     started = []
 
-    def make(**env):
+    def make(orchestrators=1, **env):
         dbname = mariadb.create_database(f"saga_t{next(_counter)}_{os.getpid()}")
         system = System(str(tmp_path), {**TEST_ENV, "SAGA_DB_PORT": str(mariadb.port),
-                                        "SAGA_DB_NAME": dbname, **env})
+                                        "SAGA_DB_NAME": dbname, **env}, orchestrators)
         started.append(system)
         system.start()
         return Saga(mariadb, system, dbname)
