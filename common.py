@@ -8,6 +8,7 @@ import mmap
 import multiprocessing
 import os
 import random
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -255,6 +256,20 @@ def text_field(body, name, max_length=255):
         raise BadRequest(f"{name} must be at most {max_length} characters, got {len(value)}", name)
     if "\x00" in value:
         raise BadRequest(f"{name} must not contain NUL characters", name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{name} must be valid Unicode text (no lone surrogates)", name) from None
+    return value
+
+
+SAGA_ID = re.compile(r"[A-Za-z0-9_-]{1,36}")
+
+
+def saga_id_field(body):
+    value = text_field(body, "saga_id", 36)
+    if not SAGA_ID.fullmatch(value):
+        raise BadRequest("saga_id must be 1 to 36 letters, digits, '-' or '_'", "saga_id")
     return value
 
 
@@ -301,7 +316,11 @@ def install_error_handlers(app):
     def _http(exc):
         if exc.code == 413:
             return error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-        return error(exc.code, exc.description or exc.name)
+        resp, code = error(exc.code, exc.description or exc.name)
+        for name, value in exc.get_headers():  # e.g. Allow on a 405
+            if name.lower() != "content-type":
+                resp.headers[name] = value
+        return resp, code
 
     @app.errorhandler(mysql.connector.Error)
     def _database(exc):

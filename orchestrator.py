@@ -9,10 +9,12 @@ import uuid
 
 import requests
 from flask import Flask, jsonify, request, send_file
+from werkzeug.routing import BaseConverter
 
-from common import (MAX_BODY_BYTES, BadRequest, Database, error, install_error_handlers,
-                    json_object, load_settings, parse_fault, reject_unknown_fields, serve,
-                    text_field, token_ok)
+from common import (MAX_BODY_BYTES, SAGA_ID, BadRequest, Database, error,
+                    install_error_handlers, json_object, load_settings, parse_fault,
+                    reject_unknown_fields, serve, text_field, token_ok)
+from openapi import SPEC
 from saga import (ACTIVE, COMPENSATED, COMPENSATING, COMPLETED, FAILED, RUNNING, STATES,
                   Engine, IllegalTransition, Step, saga_event)
 
@@ -50,6 +52,7 @@ def create_app(settings=None, start_background=True):
     app = Flask("orchestrator")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
+    app.url_map.converters["saga_id"] = SagaIdConverter
     db = Database(settings)
     steps = saga_steps(settings)
     engine = Engine(settings, db, steps)
@@ -114,8 +117,9 @@ def create_app(settings=None, start_background=True):
         return jsonify({"sagas": items, "limit": limit, "offset": offset,
                         "next_offset": offset + limit if len(rows) > limit else None})
 
-    @app.get("/sagas/<saga_id>")
+    @app.get("/sagas/<saga_id:saga_id>")
     def get_saga(saga_id):
+        check_saga_id(saga_id)
         with db.transaction() as cur:
             cur.execute("SELECT id, status, step, attempt, username, failed_step, reason, "
                         "created_at, updated_at, address, payment, results, rejected "
@@ -134,8 +138,9 @@ def create_app(settings=None, start_background=True):
         item["log"] = log_rows
         return jsonify(item)
 
-    @app.get("/sagas/<saga_id>/status")
+    @app.get("/sagas/<saga_id:saga_id>/status")
     def saga_status(saga_id):
+        check_saga_id(saga_id)
         with db.transaction() as cur:
             cur.execute("SELECT id, status, step, attempt, username, failed_step, reason, "
                         "created_at, updated_at FROM SAGA WHERE id = %s", (saga_id,))
@@ -162,7 +167,7 @@ def create_app(settings=None, start_background=True):
 
     # -- operator actions
 
-    @app.post("/sagas/<saga_id>/compensate")
+    @app.post("/sagas/<saga_id:saga_id>/compensate")
     def compensate(saga_id):
         require_operator()
 
@@ -177,7 +182,7 @@ def create_app(settings=None, start_background=True):
 
         return operator_action(saga_id, decide)
 
-    @app.post("/sagas/<saga_id>/retry")
+    @app.post("/sagas/<saga_id:saga_id>/retry")
     def retry(saga_id):
         require_operator()
 
@@ -197,6 +202,7 @@ def create_app(settings=None, start_background=True):
         return operator_action(saga_id, decide)
 
     def operator_action(saga_id, decide):
+        check_saga_id(saga_id)
         try:
             saga, taken = engine.store.take_for_operator(saga_id, decide)
         except IllegalTransition as exc:
@@ -255,6 +261,10 @@ def create_app(settings=None, start_background=True):
         except (requests.RequestException, ValueError) as exc:
             return {"service": step.service, "status": "down", "error": exc.__class__.__name__}
 
+    @app.get("/openapi.json")
+    def openapi():
+        return jsonify(SPEC)
+
     @app.get("/")
     @app.get("/ui.html")
     def ui():
@@ -265,6 +275,18 @@ def create_app(settings=None, start_background=True):
 
 LOG_COLUMNS = ("id, saga_id, service, status, message, created_at, step, action, attempt, "
                "http_status, elapsed_ms")
+
+
+class SagaIdConverter(BaseConverter):
+    """Any path segment but 'start', so /sagas/start stays the seed's POST alias
+    instead of also reading as the saga named 'start'."""
+    regex = r"(?!start(?:/|$))[^/]+"
+
+
+def check_saga_id(saga_id):
+    """Ids are minted here as UUIDs; anything else cannot name a saga."""
+    if not SAGA_ID.fullmatch(saga_id):
+        raise BadRequest(f"no saga with id {saga_id!r}", "saga_id", status=404)
 
 
 def query_int(name, default, low, high):

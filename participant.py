@@ -15,11 +15,9 @@ from flask import Flask, g, jsonify, request
 
 from common import (MAX_BODY_BYTES, BadRequest, Database, FaultStore, error,
                     initial_fault, install_error_handlers, json_object, load_settings,
-                    parse_fault, reject_unknown_fields, serve, text_field, token_ok)
+                    parse_fault, reject_unknown_fields, saga_id_field, serve, token_ok)
 
 log = logging.getLogger("saga")
-
-SAGA_ID_MAX = 36
 
 
 @dataclass(frozen=True)
@@ -66,7 +64,7 @@ def create_service_app(part, settings=None, faults=None):
     @app.post("/invoke")
     def invoke():
         body = json_object()
-        saga_id = read_saga_id(body)
+        saga_id = saga_id_field(body)
         values = part.read_input(body)
         reject_unknown_fields(body, {"saga_id", *values})
         mode, fault = faults.next_fault("invoke")
@@ -95,7 +93,7 @@ def create_service_app(part, settings=None, faults=None):
     @app.post("/compensate")
     def compensate():
         body = json_object()
-        saga_id = read_saga_id(body)
+        saga_id = saga_id_field(body)
         reject_unknown_fields(body, {"saga_id"})
         mode, fault = faults.next_fault("compensate")
         early = before_transaction(mode, fault, settings)
@@ -140,10 +138,6 @@ class InFlight:
     def leave(self):
         with self._lock:
             self.count -= 1
-
-
-def read_saga_id(body):
-    return text_field(body, "saga_id", SAGA_ID_MAX)
 
 
 def replay(cur, part, saga_id):

@@ -257,7 +257,7 @@ class Engine:
     def _drive(self, saga, resumed):
         try:
             if resumed:
-                self._after_unknown(saga)
+                self._resume(saga)
             while saga.status in ACTIVE:
                 if saga.wait > 0:
                     time.sleep(saga.wait)
@@ -337,10 +337,19 @@ class Engine:
         saga.wait = delay
         self.store.save(saga, rows, delay=delay)
 
-    def _after_unknown(self, saga):
-        """A claimed saga's last intended call may or may not have been made: count it
-        as made, with an unknown outcome, so a crash never resets a retry budget."""
+    def _resume(self, saga):
+        """Carry on with a saga claimed from an owner that stopped renewing its lease."""
         step = self.steps[saga.step]
+        if saga.wait > 0:
+            # The next call is scheduled for later, so it has not been made yet.
+            note = (f"resumed by {self.owner}; {step.service} attempt {saga.attempt} "
+                    "not yet made")
+            return self.store.save(saga, [saga_event(saga, "RESUMED", note)], delay=saga.wait)
+        self._after_unknown(saga, step)
+
+    def _after_unknown(self, saga, step):
+        """The call the saga was about to make may or may not have been made: count it
+        as made, with an unknown outcome, so a crash never resets a retry budget."""
         action = "invoke" if saga.status == RUNNING else "compensate"
         outcome = Outcome(ok=False, retryable=True, http_status=None, elapsed_ms=0,
                           message=f"outcome unknown: resumed by {self.owner}")

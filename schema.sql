@@ -1,19 +1,20 @@
 -- The saga database. Re-appliable (IF NOT EXISTS) and names no database:
 --   mariadb saga_db < schema.sql
--- utf8mb4 everywhere, so any username (Zoë 名前 😀) round-trips exactly.
+-- utf8mb4 everywhere, so any username (Zoë 名前 😀) round-trips exactly; saga ids
+-- compare byte for byte (utf8mb4_bin), so 'S-1' and 's-1' are two sagas.
 
 -- Business tables, one per service, as in the seed, plus the saga that made each row.
 -- saga_id is UNIQUE: one saga makes at most one row per table.
 CREATE TABLE IF NOT EXISTS TABLE_A (
   id INT AUTO_INCREMENT PRIMARY KEY,
-  saga_id VARCHAR(36) NOT NULL,
+  saga_id VARCHAR(36) COLLATE utf8mb4_bin NOT NULL,
   username VARCHAR(255) NOT NULL,
   UNIQUE KEY table_a_saga (saga_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
 CREATE TABLE IF NOT EXISTS TABLE_B (
   id INT AUTO_INCREMENT PRIMARY KEY,
-  saga_id VARCHAR(36) NOT NULL,
+  saga_id VARCHAR(36) COLLATE utf8mb4_bin NOT NULL,
   user_id INT NOT NULL,
   address VARCHAR(255),
   UNIQUE KEY table_b_saga (saga_id),
@@ -22,7 +23,7 @@ CREATE TABLE IF NOT EXISTS TABLE_B (
 
 CREATE TABLE IF NOT EXISTS TABLE_C (
   id INT AUTO_INCREMENT PRIMARY KEY,
-  saga_id VARCHAR(36) NOT NULL,
+  saga_id VARCHAR(36) COLLATE utf8mb4_bin NOT NULL,
   user_id INT NOT NULL,
   payment_method VARCHAR(255),
   UNIQUE KEY table_c_saga (saga_id),
@@ -34,7 +35,7 @@ CREATE TABLE IF NOT EXISTS TABLE_C (
 -- repeated invoke answer the same; 'compensated' makes a late invoke write nothing.
 CREATE TABLE IF NOT EXISTS STEP_LEDGER (
   service CHAR(1) NOT NULL,
-  saga_id VARCHAR(36) NOT NULL,
+  saga_id VARCHAR(36) COLLATE utf8mb4_bin NOT NULL,
   state ENUM('invoked', 'compensated') NOT NULL,
   updated_at DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
   PRIMARY KEY (service, saga_id)
@@ -44,7 +45,7 @@ CREATE TABLE IF NOT EXISTS STEP_LEDGER (
 -- (step, attempt) is the next call to make, written before it is made; lease_owner,
 -- lease_until and fence decide which orchestrator may drive the saga.
 CREATE TABLE IF NOT EXISTS SAGA (
-  id VARCHAR(36) NOT NULL PRIMARY KEY,
+  id VARCHAR(36) COLLATE utf8mb4_bin NOT NULL PRIMARY KEY,
   status ENUM('RUNNING', 'COMPLETED', 'COMPENSATING', 'COMPENSATED', 'FAILED') NOT NULL,
   step TINYINT UNSIGNED NOT NULL DEFAULT 0,
   attempt INT UNSIGNED NOT NULL DEFAULT 1,
@@ -72,7 +73,7 @@ CREATE TABLE IF NOT EXISTS SAGA (
 -- and time taken. service is A, B, C for a call, SAGA for the saga's own transitions.
 CREATE TABLE IF NOT EXISTS SAGA_LOG (
   id BIGINT AUTO_INCREMENT PRIMARY KEY,
-  saga_id VARCHAR(100),
+  saga_id VARCHAR(100) COLLATE utf8mb4_bin,
   service VARCHAR(100),
   status VARCHAR(20),
   message TEXT,

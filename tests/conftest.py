@@ -95,13 +95,13 @@ class Saga:
         """Only the calls: (service, action, attempt, status)."""
         return [r for r in self.log(saga_id) if r[0] != "SAGA"]
 
-    def wait_status(self, saga_id, statuses=("COMPLETED", "COMPENSATED", "FAILED"), timeout=30):
+    def wait_status(self, saga_id, statuses=("COMPLETED", "COMPENSATED", "FAILED"), timeout=60):
         def done():
             row = self.saga_row(saga_id)
             return row and row[0] in statuses and row[0]
         return wait_for(done, timeout, f"saga {saga_id} to reach {statuses}")
 
-    def wait_quiet(self, timeout=30):
+    def wait_quiet(self, timeout=60):
         wait_for(lambda: self.query("SELECT COUNT(*) FROM SAGA WHERE status IN "
                                     "('RUNNING', 'COMPENSATING')")[0][0] == 0,
                  timeout, "no saga to be running or compensating")
