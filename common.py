@@ -454,6 +454,7 @@ def serve(app_factory, port, settings, name):
             self.cfg.set("graceful_timeout", 3)
             self.cfg.set("timeout", 60)
             self.cfg.set("proc_name", name)
+            self.cfg.set("control_socket_disable", True)  # one shared default path
             self.cfg.set("errorlog", "-")
             self.cfg.set("loglevel", "info")
 
