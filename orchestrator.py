@@ -7,6 +7,7 @@ import logging
 import os
 import uuid
 
+import mysql.connector
 import requests
 from flask import Flask, jsonify, request, send_file
 from werkzeug.routing import BaseConverter
@@ -83,12 +84,22 @@ def create_app(settings=None, start_background=True):
         reject_unknown_fields(body, set(INPUT_FIELDS))
         data = {name: text_field(body, name) for name in INPUT_FIELDS}
         saga = engine.store.create(str(uuid.uuid4()), data)
-        future = engine.submit(saga)
+        saga = wait_for_outcome(engine.submit(saga), saga)
+        return jsonify(start_answer(saga)), start_status_code(saga)
+
+    def wait_for_outcome(future, saga):
+        """The saga when its driver stops, or as it is after SAGA_START_WAIT. A driver
+        that stopped early (taken over, database gone) is answered from the database."""
         try:
             saga = future.result(timeout=settings.start_wait)
         except concurrent.futures.TimeoutError:
-            pass
-        return jsonify(start_answer(saga)), start_status_code(saga)
+            return saga
+        if saga.status in ACTIVE:
+            try:
+                saga = engine.store.load(saga.id) or saga
+            except mysql.connector.Error:
+                pass
+        return saga
 
     # -- reading sagas
 
@@ -210,11 +221,7 @@ def create_app(settings=None, start_background=True):
         if saga is None:
             return error(404, f"no saga with id {saga_id!r}", "saga_id")
         if taken:
-            future = engine.submit(saga)
-            try:
-                saga = future.result(timeout=settings.start_wait)
-            except concurrent.futures.TimeoutError:
-                pass
+            saga = wait_for_outcome(engine.submit(saga), saga)
         code = 202 if saga.status in ACTIVE else 200
         return jsonify(start_answer(saga)), code
 

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -155,6 +156,12 @@ class SagaStore:
                 cur.executemany(LOG_INSERT, log_rows)
         saga.saved_status = saga.status
 
+    def load(self, saga_id):
+        with self.db.transaction() as cur:
+            cur.execute(f"SELECT {SAGA_COLUMNS} FROM SAGA WHERE id = %s", (saga_id,))
+            row = cur.fetchone()
+        return saga_from_row(row) if row else None
+
     def claim_expired(self, limit):
         """Take unfinished sagas whose owner stopped renewing its lease. SKIP LOCKED lets
         several orchestrators scan at once without waiting on or double-taking a row."""
@@ -238,7 +245,9 @@ class Engine:
         if settings.api_token:
             self.http.headers["Authorization"] = f"Bearer {settings.api_token}"
         self.executor = ThreadPoolExecutor(settings.drivers, thread_name_prefix="saga")
-        self._active = set()
+        # Saga id -> drivers holding it here. A count, not a set: an operator action can
+        # start a new driver while the one it fenced off is still winding down.
+        self._active = Counter()
         self._active_lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -247,7 +256,7 @@ class Engine:
     def submit(self, saga, resumed=False):
         """Drive `saga` on a driver thread; the future gives the saga when it stops."""
         with self._active_lock:
-            self._active.add(saga.id)
+            self._active[saga.id] += 1
         return self.executor.submit(self._drive, saga, resumed)
 
     def active_count(self):
@@ -274,7 +283,9 @@ class Engine:
             log.exception("saga %s: unexpected error, leaving it to recovery", saga.id)
         finally:
             with self._active_lock:
-                self._active.discard(saga.id)
+                self._active[saga.id] -= 1
+                if self._active[saga.id] <= 0:
+                    del self._active[saga.id]
         return saga
 
     def _invoke_step(self, saga):

@@ -1,10 +1,12 @@
 """The operations API: find, inspect and fix sagas; tokens; CORS; hostile queries."""
 
+import threading
+
 import pytest
 import requests
 
 from conftest import SEED_INPUT, TEST_ENV, Saga
-from launcher import System
+from launcher import System, wait_for
 
 
 def start_many(saga, n, **overrides):
@@ -191,3 +193,20 @@ class TestToken:
         for name in ("orchestrator", "service_a"):
             with open(f"{secured.system.logdir}/{name}.log") as log:
                 assert self.TOKEN not in log.read()
+
+
+def test_compensating_a_running_saga_stops_it_and_undoes_it(saga):
+    saga.set_fault("B", mode="hang", seconds=2, next=1)
+    answer = {}
+    client = threading.Thread(target=lambda: answer.update(resp=saga.start()))
+    client.start()
+    sid = wait_for(lambda: saga.query("SELECT id FROM SAGA WHERE step = 1"), 30, "step B")[0][0]
+    resp = saga.post(f"/sagas/{sid}/compensate")
+    assert resp.status_code == 200 and resp.json()["status"] == "COMPENSATED"
+    client.join(30)
+    # The client of /start learns the truth too: its saga was undone.
+    assert answer["resp"].json()["status"] == "COMPENSATED"
+    wait_for(lambda: requests.get(saga.service("B") + "/health", timeout=5).json()["in_flight"] == 0,
+             30, "B's hung call to land")
+    assert saga.row_counts(sid) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    assert saga.saga_row(sid)[0] == "COMPENSATED"
