@@ -133,11 +133,16 @@ UNAVAILABLE_ERRNOS = {
 
 
 def is_unavailable(exc):
-    if isinstance(exc, (mysql.connector.errors.InterfaceError,
-                        mysql.connector.errors.OperationalError,
-                        mysql.connector.errors.PoolError)):
-        return True
-    return isinstance(exc, mysql.connector.Error) and exc.errno in UNAVAILABLE_ERRNOS
+    # mysql-connector may wrap a lost connection in a ProgrammingError: look at causes too.
+    while exc is not None:
+        if isinstance(exc, (mysql.connector.errors.InterfaceError,
+                            mysql.connector.errors.OperationalError,
+                            mysql.connector.errors.PoolError)):
+            return True
+        if isinstance(exc, mysql.connector.Error) and exc.errno in UNAVAILABLE_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class Database:
@@ -179,10 +184,12 @@ class Database:
             self._slots.release()
 
     @contextmanager
-    def transaction(self):
+    def transaction(self, read_committed=False):
         with self.connection() as conn:
             cur = conn.cursor()
             try:
+                if read_committed:  # applies to this transaction only
+                    cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                 yield cur
                 conn.commit()
             except BaseException:

@@ -2,6 +2,7 @@
 compensates in reverse on failure, and serves the API and ui.html."""
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import os
@@ -88,17 +89,18 @@ def create_app(settings=None, start_background=True):
         return jsonify(start_answer(saga)), start_status_code(saga)
 
     def wait_for_outcome(future, saga):
-        """The saga when its driver stops, or as it is after SAGA_START_WAIT. A driver
-        that stopped early (taken over, database gone) is answered from the database."""
+        """The saga as the database holds it when its driver stops, or after
+        SAGA_START_WAIT: never a state the driver had not saved (its last save may have
+        failed, or another orchestrator may have taken the saga over)."""
         try:
             saga = future.result(timeout=settings.start_wait)
         except concurrent.futures.TimeoutError:
-            return saga
-        if saga.status in ACTIVE:
+            pass
+        if saga.saved_status in ACTIVE or saga.saved_status != saga.status:
             try:
-                saga = engine.store.load(saga.id) or saga
+                return engine.store.load(saga.id) or saga
             except mysql.connector.Error:
-                pass
+                return dataclasses.replace(saga, status=saga.saved_status)
         return saga
 
     # -- reading sagas

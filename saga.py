@@ -162,16 +162,19 @@ class SagaStore:
             row = cur.fetchone()
         return saga_from_row(row) if row else None
 
-    def claim_expired(self, limit):
-        """Take unfinished sagas whose owner stopped renewing its lease. SKIP LOCKED lets
-        several orchestrators scan at once without waiting on or double-taking a row."""
+    def claim_expired(self, limit, busy=()):
+        """Take unfinished sagas whose owner stopped renewing its lease (but not `busy`
+        ones, which this process is still driving). SKIP LOCKED lets several
+        orchestrators scan at once without waiting on or double-taking a row; READ
+        COMMITTED takes no gap locks, which would deadlock with /start's inserts."""
         if limit <= 0:
             return []
-        with self.db.transaction() as cur:
+        skip = "".join(" AND id <> %s" for _ in busy)
+        with self.db.transaction(read_committed=True) as cur:
             cur.execute(
                 "SELECT id FROM SAGA WHERE status IN ('RUNNING', 'COMPENSATING') "
-                "AND lease_until < NOW(3) ORDER BY lease_until LIMIT %s FOR UPDATE SKIP LOCKED",
-                (limit,))
+                f"AND lease_until < NOW(3){skip} ORDER BY lease_until LIMIT %s "
+                "FOR UPDATE SKIP LOCKED", (*busy, limit))
             ids = [row[0] for row in cur.fetchall()]
             if not ids:
                 return []
@@ -434,7 +437,9 @@ class Engine:
                 return
 
     def recover_once(self):
-        sagas = self.store.claim_expired(min(50, self.settings.drivers - self.active_count()))
+        with self._active_lock:
+            busy = list(self._active)
+        sagas = self.store.claim_expired(min(50, self.settings.drivers - len(busy)), busy)
         for saga in sagas:
             log.info("saga %s: resuming %s at step %d attempt %d", saga.id, saga.status,
                      saga.step + 1, saga.attempt)

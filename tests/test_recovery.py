@@ -221,3 +221,37 @@ def _processlist(saga):
         return cur.fetchall()
     finally:
         conn.close()
+
+
+def test_start_never_answers_from_a_state_it_could_not_save(saga):
+    # C commits while the orchestrator is frozen; when it wakes, the database is gone,
+    # so its final save fails. /start must not claim COMPLETED: it answers 202.
+    saga.set_fault("C", mode="slow", seconds=1, next=1)
+    thread, answer = in_background(saga.start)
+    sid = wait_step(saga, 2)
+    wait_for(lambda: requests.get(saga.service("C") + "/health", timeout=5).json()["in_flight"],
+             30, "C to be serving the call")
+    saga.system.freeze("orchestrator")
+    wait_for(lambda: saga.row_counts(sid)["TABLE_C"] == 1, 30, "C to commit")
+    saga.server.stop()
+    saga.system.thaw("orchestrator")
+    thread.join(30)
+    assert answer["resp"].status_code == 202, answer["resp"].text
+    assert answer["resp"].json()["status"] == "RUNNING"
+    saga.server.start()
+    assert saga.wait_status(sid) == "COMPLETED"
+    assert saga.row_counts(sid) == {"TABLE_A": 1, "TABLE_B": 1, "TABLE_C": 1}
+
+
+def test_database_error_wrapped_by_the_driver_counts_as_unavailable():
+    import mysql.connector
+    from common import is_unavailable
+    lost = mysql.connector.errors.OperationalError("Lost connection to MySQL server")
+    try:
+        try:
+            raise lost
+        except mysql.connector.Error as exc:
+            raise mysql.connector.errors.ProgrammingError("while processing parameters") from exc
+    except mysql.connector.Error as wrapped:
+        assert is_unavailable(wrapped)
+    assert not is_unavailable(mysql.connector.errors.ProgrammingError("bad SQL"))
