@@ -1,0 +1,1131 @@
+#!/usr/bin/env python3
+"""Chaos harness: run many sagas while processes die, freeze and come back, faults come
+and go and the database restarts, then check DESIGN.md rule 7 (all or nothing) and what
+every client was told, straight from the database.
+
+    python chaos.py                                    # 200 sagas, 8 clients, random seed
+    python chaos.py --seed 42 --sagas 1000 --orchestrators 2 --db-restarts 1
+    python chaos.py --sagas 10000 --clients 16 --db-restarts 3      # the long run
+
+By default it starts everything itself, in a temporary directory: a private MariaDB
+server (launcher.PrivateMariaDB), a fresh database with schema.sql, the orchestrator(s)
+and services A, B, C (launcher.System) with SAGA_FAULTS=off and short timeouts and
+leases. A chaos thread then, at random (seeded) moments:
+
+  - kills a process with SIGKILL (its whole process group) and restarts it 0.1-2 s later;
+  - freezes one with SIGSTOP for 0.5-3 s, then SIGCONTs it;
+  - stops one gracefully (SIGTERM to its main process, like `kill <pid>`) and starts it
+    again;
+  - sets a fault on a service (fail, reject, drop, crash, hang; every N-th, at a rate or
+    for the next K calls; on invoke, compensate or both) for 1-6 s;
+  - and, with --db-restarts K, stops (or kills -9) the database and starts it again K
+    times, spread over the run.
+
+Every process (each orchestrator, A, B, C) is killed and frozen, and every service gets a
+fault, at least once if the run lasts long enough (most of the first actions cover them,
+in a shuffled order).
+
+Clients (--clients, spread over the orchestrators) each POST /start and record every
+answer: HTTP code, saga id, status. "Connection refused" (nothing was sent) and 503
+(the database was down, nothing was made) are retried for the same saga; a connection
+that dies mid-request is recorded as "no answer": that saga may exist, and must end
+all-or-nothing like every other.
+
+Then chaos stops: frozen processes are thawed, dead ones restarted, faults turned off,
+and the harness waits (bounded, polling the database) until no saga is RUNNING or
+COMPENSATING, waits a grace period for late requests to land, and checks in the
+database that:
+
+  - every saga is COMPLETED with exactly one row in each of TABLE_A/B/C (B's and C's
+    user_id pointing at A's row) or COMPENSATED with none; FAILED is a violation unless
+    --allow-failed; RUNNING/COMPENSATING after the settle timeout is a stuck saga;
+  - no business row lacks a saga, no saga has two rows in a table;
+  - STEP_LEDGER agrees (COMPLETED: 3 'invoked'; COMPENSATED: none 'invoked') and the last
+    SAGA event in SAGA_LOG is the saga's status;
+  - every 200 answer said COMPLETED, and its saga is COMPLETED with the row ids the
+    answer gave; every 409 answer's saga is COMPENSATED (rejected), every 502 answer's
+    COMPENSATED or FAILED; every 202 answer's saga exists; /start never answered another
+    code but 503 (the database unavailable: retried, and noted if the database was up);
+  - no process exited on its own (only the harness kills them), and none logged an
+    ERROR (an unexpected exception: a 500). MariaDB's deadlocks are noted, not failed.
+
+It prints a summary (seed and replay command, answers by code, outcomes, chaos actions
+per process, settle time, violations with the SAGA row and SAGA_LOG of the first few
+sagas involved) and exits 1 on any violation, 2 if the harness itself could not run.
+The run directory (process logs, the chaos action log, the database) is removed after a
+clean run and kept, with its path printed, after a violation (or with --keep).
+
+Against a running system (--url, repeatable, plus --db-* options or the SAGA_DB_*
+variables): the harness cannot kill, freeze or restart processes it did not start, nor
+restart the database, so its chaos is limited to fault injection through the
+orchestrator's API (PUT /faults/<service>, with --token / SAGA_API_TOKEN if set), and its
+checks are limited to the sagas this run created (found by their username prefix) plus
+the global orphan and duplicate checks. It turns every fault off at the end.
+
+Replaying a seed repeats the same sequence of chaos actions and client inputs; thread
+timing is not replayed exactly, so a replay is likely, not certain, to hit a race again.
+"""
+
+import argparse
+import heapq
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import mysql.connector
+import requests
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from launcher import PrivateMariaDB, System, free_port  # noqa: E402
+
+# Short timeouts and leases so failures and takeovers happen fast; a long compensation
+# budget so a compensation survives a process being down for a while without going FAILED.
+CHAOS_ENV = {
+    "SAGA_FAULTS": "off",
+    "SAGA_CONNECT_TIMEOUT": "0.5",
+    "SAGA_READ_TIMEOUT": "1",
+    "SAGA_MAX_ATTEMPTS": "3",
+    "SAGA_COMPENSATE_FOR": "30",
+    "SAGA_START_WAIT": "10",
+    "SAGA_BACKOFF_BASE": "0.05",
+    "SAGA_BACKOFF_MAX": "0.5",
+    "SAGA_LEASE_SECONDS": "1",
+    "SAGA_RECOVERY_INTERVAL": "0.2",
+}
+SERVICES = {"A": "service_a", "B": "service_b", "C": "service_c"}
+ACTIVE = ("RUNNING", "COMPENSATING")
+TABLES = ("TABLE_A", "TABLE_B", "TABLE_C")
+ROW_IDS = {"A": ("TABLE_A", "user_id"), "B": ("TABLE_B", "address_id"),
+           "C": ("TABLE_C", "payment_id")}   # what /start's results name each row
+FAULT_MODES = ("fail", "reject", "drop", "crash", "hang")
+PAYMENTS = ("Visa", "Mastercard", "Amex", "IBAN DE89 3704", "💳 card")
+
+
+def say(*parts):
+    print(*parts, flush=True)
+
+
+# --- the processes ----------------------------------------------------------------------
+
+class ChaosSystem(System):
+    """launcher.System plus extra orchestrators ("orchestrator2", ...) on their own ports,
+    sharing the database and the services, and a start that does not wait (the chaos
+    thread must not block on a process booting while the database is down)."""
+
+    def __init__(self, logdir, env, orchestrators=1):
+        super().__init__(logdir, env, orchestrators)
+        self.orchestrators = ["orchestrator"] + [f"orchestrator{n}"
+                                                 for n in range(2, orchestrators + 1)]
+        for name in self.orchestrators:
+            self.ports.setdefault(name, free_port())
+        self.names = self.orchestrators + list(SERVICES.values())
+
+    def spawn(self, name):
+        script = "orchestrator" if name.startswith("orchestrator") else name
+        env = {**self.env, "ORCHESTRATOR_PORT": str(self.ports[name])}
+        with open(os.path.join(self.logdir, f"{name}.log"), "ab") as log:
+            log.write(f"\n===== chaos: starting {name} at {time.strftime('%H:%M:%S')}\n".encode())
+            log.flush()
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, f"{script}.py")], cwd=HERE, env=env,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start(self, *names):
+        names = names or self.names
+        for name in names:
+            self.spawn(name)
+        for name in names:
+            self.wait_healthy(name, timeout=60)
+
+
+class Database:
+    """The harness's own view of the database: a fresh connection per query, so a
+    restarted server costs nothing here."""
+
+    def __init__(self, host, port, user, password, name):
+        self.params = dict(host=host, port=port, user=user, password=password, database=name,
+                           autocommit=True, connection_timeout=5, charset="utf8mb4",
+                           collation="utf8mb4_unicode_ci")
+
+    def query(self, sql, params=()):
+        conn = mysql.connector.connect(**self.params)
+        try:
+            cur = conn.cursor()
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.with_rows else cur.rowcount
+        finally:
+            conn.close()
+
+
+# --- the clients --------------------------------------------------------------------------
+
+@dataclass
+class Answer:
+    index: int
+    url: str
+    code: int | None          # None: no answer (the connection died or timed out)
+    saga: str | None
+    status: str | None
+    results: dict | None
+    error: str | None
+    seconds: float
+    at: float = 0.0           # time.monotonic() when the answer (or its absence) came
+
+
+def not_sent(exc):
+    """True when the request cannot have reached the server (so retrying makes no
+    second saga): the connection was refused or never opened."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    if not isinstance(exc, requests.ConnectionError):
+        return False
+    seen, cause = set(), exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if (isinstance(cause, ConnectionRefusedError)
+                or type(cause).__name__ == "NewConnectionError"):
+            return True
+        cause = getattr(cause, "reason", None) or cause.__cause__ or cause.__context__ or (
+            cause.args[0] if cause.args and isinstance(cause.args[0], BaseException) else None)
+    return False
+
+
+class Clients:
+    """--clients threads taking saga numbers 0..N-1 from a shared counter; each number is
+    one saga request, retried only while nothing can have been made."""
+
+    def __init__(self, urls, sagas, clients, seed, tag, timeout, deadline, retry_for):
+        self.urls, self.sagas, self.clients = urls, sagas, clients
+        self.seed, self.tag, self.timeout = seed, tag, timeout
+        self.deadline, self.retry_for = deadline, retry_for
+        self.lock = threading.Lock()
+        self.next_index = 0
+        self.answers = []
+        self.retried = Counter()       # why a saga request was sent again
+        self.gave_up = 0
+        self.finished = 0              # saga requests done with (answered or not)
+        self.stopped_early = False
+        self.threads = []
+        # Past N sagas, keep sending while this says the chaos has not covered
+        # everything yet (so a short run still kills and freezes every process).
+        self.more = lambda: False
+
+    def username(self, index):
+        return f"{self.tag}-{index}"
+
+    def start(self):
+        for k in range(self.clients):
+            t = threading.Thread(target=self._client, args=(k,), name=f"client{k}", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def running(self):
+        return any(t.is_alive() for t in self.threads)
+
+    def sent(self):
+        with self.lock:
+            return self.next_index
+
+    def _take(self):
+        with self.lock:
+            if self.next_index >= self.sagas and not self.more():
+                return None
+            if time.monotonic() > self.deadline:
+                self.stopped_early = True
+                return None
+            self.next_index += 1
+            return self.next_index - 1
+
+    def _client(self, k):
+        rng = random.Random(f"{self.seed}-client-{k}")
+        while (index := self._take()) is not None:
+            payload = {"username": self.username(index),
+                       "address": f"{index} Chaos Street, Zoë-Stadt",
+                       "payment": rng.choice(PAYMENTS)}
+            self._one(k, index, payload, rng)
+            with self.lock:
+                self.finished += 1
+
+    def _retry(self, why, give_up):
+        with self.lock:
+            if time.monotonic() > give_up:
+                self.gave_up += 1
+                return False
+            self.retried[why] += 1
+            return True
+
+    def _record(self, answer):
+        answer.at = time.monotonic()
+        with self.lock:
+            self.answers.append(answer)
+
+    def _one(self, k, index, payload, rng):
+        give_up = min(time.monotonic() + self.retry_for, self.deadline + self.retry_for)
+        turn = k
+        while True:
+            url = self.urls[turn % len(self.urls)]
+            turn += 1
+            started = time.monotonic()
+            try:
+                resp = requests.post(url + "/start", json=payload, timeout=(1, self.timeout))
+            except requests.RequestException as exc:
+                if not_sent(exc):
+                    if not self._retry("connection refused", give_up):
+                        return
+                    time.sleep(rng.uniform(0.05, 0.3))
+                    continue
+                self._record(Answer(index, url, None, None, None, None,
+                                    f"{type(exc).__name__}: {str(exc)[:200]}",
+                                    time.monotonic() - started))
+                return
+            try:
+                body = resp.json()
+            except ValueError:
+                body = {}
+            if not isinstance(body, dict):
+                body = {}
+            error = body.get("error")
+            if body.get("detail"):
+                error = f"{error} ({body['detail']})"
+            answer = Answer(index, url, resp.status_code, body.get("saga"), body.get("status"),
+                            body.get("results"), error, time.monotonic() - started)
+            self._record(answer)
+            if resp.status_code == 503 and answer.saga is None:
+                # The database was unreachable and /start made nothing (or, if its commit
+                # landed unacknowledged, a saga that must still end all-or-nothing).
+                if not self._retry("503", give_up):
+                    return
+                time.sleep(rng.uniform(0.1, 0.5))
+                continue
+            return
+
+
+# --- the chaos ----------------------------------------------------------------------------
+
+class Chaos(threading.Thread):
+    """Seeded chaos: one action every --interval seconds on average, plus the timed
+    events that undo them (restart, thaw, fault off). Each tick draws the same random
+    numbers whatever the outcome, so a seed replays the same sequence of actions."""
+
+    def __init__(self, args, rng, system, server, clients, actions_log):
+        super().__init__(name="chaos", daemon=True)
+        self.args, self.rng, self.system, self.server = args, rng, system, server
+        self.clients, self.actions_log = clients, actions_log
+        self.stop_event = threading.Event()
+        self.events = []                     # heap of (due, seq, kind, name, generation)
+        self.seq = 0
+        self.dead = set()                    # killed or stopped by us, restart pending
+        self.fault_generation = Counter()
+        self.freezes = Counter()             # which freeze a thaw event belongs to
+        self.counts = defaultdict(Counter)   # counts[target][action]
+        self.unexpected_exits = []
+        self.db_restarts = []                # (mode, downtime, seconds to accept again)
+        self.db_windows = []                 # (down, up) in time.monotonic()
+        self.db_thread = None
+        self.db_rng = random.Random(f"{args.seed}-db")
+        self.db_thresholds = [(j + 1) * args.sagas / (args.db_restarts + 1)
+                              for j in range(args.db_restarts)]
+        self.errors = []
+        self.started = time.monotonic()
+        names = system.names if system else []
+        self.coverage = [(a, n) for n in names for a in ("kill", "freeze")]
+        if system:
+            self.coverage += [("fault", svc) for svc in SERVICES]
+        self.rng.shuffle(self.coverage)
+
+    # -- bookkeeping
+
+    def note(self, text):
+        now = time.time()
+        clock = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
+        line = f"{clock} {time.monotonic() - self.started:8.2f}s {text}"
+        self.actions_log.write(line + "\n")
+        self.actions_log.flush()
+        if self.args.verbose:
+            say("  chaos:", text)
+
+    def schedule(self, delay, kind, name, generation=0):
+        self.seq += 1
+        heapq.heappush(self.events, (time.monotonic() + delay, self.seq, kind, name, generation))
+
+    # -- the loop
+
+    def run(self):
+        next_action = time.monotonic() + self.rng.uniform(0.2, 1.0) * self.args.interval
+        try:
+            while not self.stop_event.is_set():
+                now = time.monotonic()
+                self.run_due_events(now)
+                self.maybe_restart_database()
+                if now >= next_action:
+                    self.act(self.draw())
+                    next_action = now + self.rng.uniform(0.3, 1.7) * self.args.interval
+                self.stop_event.wait(0.05)
+        except Exception:
+            self.errors.append(traceback.format_exc())
+            say("chaos thread crashed:\n" + traceback.format_exc())
+
+    def draw(self):
+        """One action, drawn with a fixed number of random numbers."""
+        r = self.rng.random()
+        names = self.system.names if self.system else []
+        target = self.rng.choice(names) if names else None
+        svc = self.rng.choice("ABC")
+        mode = self.rng.choice(FAULT_MODES)
+        trigger = self.rng.choice(("every", "rate", "next"))
+        every = self.rng.randint(2, 5)
+        rate = round(self.rng.uniform(0.1, 0.5), 2)
+        nxt = self.rng.randint(1, 5)
+        on = self.rng.choices(("invoke", "compensate", "both"), (0.6, 0.2, 0.2))[0]
+        seconds = round(self.rng.uniform(1.5, 3.0), 2)
+        delay = self.rng.uniform(0.1, 2.0)
+        freeze_for = self.rng.uniform(0.5, 3.0)
+        fault_for = self.rng.uniform(1.0, 6.0)
+        take_coverage = self.rng.random() < 0.7
+        covering = False
+        if self.system is None:
+            kind = "fault"
+        elif take_coverage and self.coverage:
+            kind, target = self.coverage.pop()
+            covering = True
+            if kind == "fault":
+                svc = target
+        elif r < 0.30:
+            kind = "kill"
+        elif r < 0.55:
+            kind = "freeze"
+        elif r < 0.65:
+            kind = "term"
+        else:
+            kind = "fault"
+        fault = {"mode": mode, "on": on,
+                 trigger: {"every": every, "rate": rate, "next": nxt}[trigger]}
+        if mode == "hang":
+            fault["seconds"] = seconds
+        return {"kind": kind, "target": target, "svc": svc, "fault": fault, "delay": delay,
+                "freeze_for": freeze_for, "fault_for": fault_for, "covering": covering}
+
+    def act(self, a):
+        if not self._act(a) and a["covering"]:
+            # A covering action that cannot be done now (its target is down or frozen)
+            # goes back on the list, to be tried again next time.
+            self.coverage.append((a["kind"], a["target"]))
+
+    def _act(self, a):
+        kind, name = a["kind"], a["target"]
+        s = self.system
+        if kind == "fault":
+            return self.set_fault(a["svc"], a["fault"], a["fault_for"])
+        if name in self.dead or not s.alive(name):
+            return self.note(f"skip {kind} {name}: it is down")
+        if name in s.frozen and kind != "kill":
+            return self.note(f"skip {kind} {name}: it is frozen")
+        if kind == "kill":
+            s.kill(name)
+            self.dead.add(name)
+            self.counts[name]["kill"] += 1
+            self.note(f"kill -9 {name}; restart in {a['delay']:.2f}s")
+            self.schedule(a["delay"], "restart", name)
+        elif kind == "freeze":
+            s.freeze(name)
+            self.counts[name]["freeze"] += 1
+            self.freezes[name] += 1
+            self.note(f"SIGSTOP {name} for {a['freeze_for']:.2f}s")
+            self.schedule(a["freeze_for"], "thaw", name, self.freezes[name])
+        elif kind == "term":
+            # Like `kill <pid>`: the server's master stops its workers gracefully.
+            os.kill(s.procs[name].pid, signal.SIGTERM)
+            self.dead.add(name)
+            self.counts[name]["term"] += 1
+            self.note(f"SIGTERM {name}; start again in 4s (kill -9 if still running)")
+            self.schedule(4.0, "restart", name)
+        return True
+
+    def run_due_events(self, now):
+        while self.events and self.events[0][0] <= now:
+            _, _, kind, name, generation = heapq.heappop(self.events)
+            if kind == "thaw":
+                if (name in self.system.frozen and self.freezes[name] == generation
+                        and self.system.alive(name)):
+                    self.system.thaw(name)
+                    self.note(f"SIGCONT {name}")
+            elif kind == "restart":
+                self.restart(name)
+            elif kind == "fault_off":
+                if self.fault_generation[name] == generation:
+                    self.put_fault(name, {"mode": "off"})
+                    self.note(f"fault off on {name}")
+
+    def restart(self, name):
+        s = self.system
+        if s.alive(name):
+            s.kill(name)
+            self.counts[name]["term forced to kill"] += 1
+            self.note(f"{name} still running after SIGTERM: kill -9")
+        s.spawn(name)
+        self.dead.discard(name)
+        self.counts[name]["start"] += 1
+        self.note(f"start {name}")
+
+    def check_processes(self):
+        """Processes that died without us: a process must never exit on its own."""
+        if self.system is None:
+            return
+        for name in self.system.names:
+            if name not in self.dead and name in self.system.procs and not self.system.alive(name):
+                rc = self.system.procs[name].returncode
+                self.unexpected_exits.append((name, rc))
+                self.note(f"{name} exited on its own with {rc}; starting it again in 1s")
+                self.dead.add(name)
+                self.schedule(1.0, "restart", name)
+
+    # -- faults
+
+    def put_fault(self, svc, fault):
+        try:
+            if self.system is not None:
+                name = SERVICES[svc]
+                if name in self.dead or name in self.system.frozen or not self.system.alive(name):
+                    return False
+                resp = requests.put(self.system.url(name) + "/faults", json=fault, timeout=1)
+            else:
+                headers = {"Authorization": f"Bearer {self.args.token}"} if self.args.token else {}
+                resp = requests.put(self.args.url[0] + f"/faults/{svc}", json=fault,
+                                    headers=headers, timeout=3)
+            return resp.status_code == 200
+        except requests.RequestException:
+            return False
+
+    def set_fault(self, svc, fault, lifetime):
+        if self.put_fault(svc, fault):
+            self.fault_generation[svc] += 1
+            self.counts[f"service_{svc.lower()}"]["fault"] += 1
+            self.note(f"fault on {svc}: {json.dumps(fault)} for {lifetime:.2f}s")
+            self.schedule(lifetime, "fault_off", svc, self.fault_generation[svc])
+            return True
+        self.note(f"skip fault on {svc}: {json.dumps(fault)} (service not reachable)")
+        return False
+
+    # -- the database
+
+    def unfinished(self):
+        """Whether some promised chaos has not happened yet: a process not yet killed or
+        frozen, a service without a fault, a database restart still to come."""
+        return bool(self.coverage or self.db_thresholds
+                    or (self.db_thread and self.db_thread.is_alive()))
+
+    def maybe_restart_database(self):
+        self.check_processes()
+        if not self.db_thresholds or (self.db_thread and self.db_thread.is_alive()):
+            return
+        if self.clients.finished >= self.db_thresholds[0]:
+            self.db_thresholds.pop(0)
+            mode = self.db_rng.choice(("stop", "kill"))
+            downtime = self.db_rng.uniform(0.5, 3.0)
+            self.db_thread = threading.Thread(target=self.restart_database, args=(mode, downtime),
+                                              name="db-restart", daemon=True)
+            self.db_thread.start()
+
+    def restart_database(self, mode, downtime):
+        try:
+            self.note(f"database: {'kill -9' if mode == 'kill' else 'stop'}, "
+                      f"start again {downtime:.2f}s later")
+            began = time.monotonic()
+            self.db_windows.append((began, None))
+            self.server.kill() if mode == "kill" else self.server.stop()
+            time.sleep(downtime)
+            self.server.start()
+            log_deadlocks(self.server)
+            took = time.monotonic() - began
+            self.db_windows[-1] = (began, time.monotonic())
+            self.db_restarts.append((mode, round(downtime, 2), round(took, 2)))
+            self.note(f"database accepting connections again ({took:.2f}s after {mode})")
+        except Exception:
+            self.errors.append("database restart failed:\n" + traceback.format_exc())
+            self.note("database restart failed")
+
+    def db_was_down(self, at, margin=5.0):
+        """Whether `at` falls in a database outage (or the seconds after it, while pools
+        reconnect)."""
+        return any(down - 0.5 <= at <= (up or float("inf")) + margin
+                   for down, up in self.db_windows)
+
+    def finish_database(self):
+        if self.db_thread:
+            self.db_thread.join(120)
+
+
+# --- the checks ---------------------------------------------------------------------------
+
+class Checker:
+    """Rule 7 and the truth of every answer, read straight from the database."""
+
+    def __init__(self, db, scope_prefix=None, allow_failed=False):
+        self.db, self.prefix, self.allow_failed = db, scope_prefix, allow_failed
+        self.violations = []
+        self.suspects = []        # saga ids to dump
+
+    def violation(self, text, saga=None):
+        self.violations.append(text)
+        if saga and saga not in self.suspects:
+            self.suspects.append(saga)
+
+    def scope(self):
+        if self.prefix is None:
+            return "", ()
+        return " WHERE username LIKE %s", (self.prefix + "-%",)
+
+    def active_count(self):
+        where, params = self.scope()
+        where = (where + " AND" if where else " WHERE") + " status IN ('RUNNING', 'COMPENSATING')"
+        return self.db.query("SELECT COUNT(*) FROM SAGA" + where, params)[0][0]
+
+    def check(self, answers):
+        where, params = self.scope()
+        sagas = {sid: (status, bool(rejected), username)
+                 for sid, status, rejected, username in self.db.query(
+                     "SELECT id, status, rejected, username FROM SAGA" + where, params)}
+        rows = {t: defaultdict(list) for t in TABLES}
+        for sid, rid in self.db.query("SELECT saga_id, id FROM TABLE_A"):
+            rows["TABLE_A"][sid].append((rid, rid))
+        for table in ("TABLE_B", "TABLE_C"):
+            for sid, rid, user_id in self.db.query(f"SELECT saga_id, id, user_id FROM {table}"):
+                rows[table][sid].append((rid, user_id))
+        ledger = defaultdict(Counter)
+        for sid, state in self.db.query("SELECT saga_id, state FROM STEP_LEDGER"):
+            ledger[sid][state] += 1
+        last_event = {}
+        for sid, status in self.db.query("SELECT saga_id, status FROM SAGA_LOG "
+                                         "WHERE service = 'SAGA' ORDER BY id"):
+            last_event[sid] = status
+        all_ids = {r[0] for r in self.db.query("SELECT id FROM SAGA")}
+
+        outcomes = Counter(status for status, _, _ in sagas.values())
+        # Rule 7, saga by saga.
+        for sid, (status, rejected, _) in sagas.items():
+            counts = {t: len(rows[t].get(sid, ())) for t in TABLES}
+            if status == "COMPLETED":
+                if counts != {t: 1 for t in TABLES}:
+                    self.violation(f"saga {sid} COMPLETED but rows {counts}", sid)
+                else:
+                    a_id = rows["TABLE_A"][sid][0][0]
+                    for t in ("TABLE_B", "TABLE_C"):
+                        if rows[t][sid][0][1] != a_id:
+                            self.violation(f"saga {sid}: {t}.user_id {rows[t][sid][0][1]} is not "
+                                           f"its TABLE_A row {a_id}", sid)
+                if ledger[sid]["invoked"] != 3:
+                    self.violation(f"saga {sid} COMPLETED but STEP_LEDGER {dict(ledger[sid])}", sid)
+            elif status == "COMPENSATED":
+                if any(counts.values()):
+                    self.violation(f"saga {sid} COMPENSATED but rows {counts}", sid)
+                if ledger[sid]["invoked"]:
+                    self.violation(f"saga {sid} COMPENSATED but STEP_LEDGER "
+                                   f"{dict(ledger[sid])}", sid)
+            elif status == "FAILED":
+                if not self.allow_failed:
+                    self.violation(f"saga {sid} FAILED (rows {counts}); a compensation "
+                                   "could not be made to succeed", sid)
+            else:
+                self.violation(f"saga {sid} still {status} after the settle timeout (stuck)", sid)
+            if status in ("COMPLETED", "COMPENSATED", "FAILED") and last_event.get(sid) != status:
+                self.violation(f"saga {sid} is {status} but its last SAGA_LOG event is "
+                               f"{last_event.get(sid)}", sid)
+        # No business row without a saga; never two rows of one saga in a table.
+        for t in TABLES:
+            for sid, found in rows[t].items():
+                if sid not in all_ids:
+                    self.violation(f"{t} has {len(found)} row(s) for saga {sid}, "
+                                   "which does not exist")
+                if len(found) > 1:
+                    self.violation(f"{t} has {len(found)} rows for saga {sid}", sid)
+        # What the clients were told.
+        for a in answers:
+            self.check_answer(a, sagas, rows)
+        return outcomes
+
+    def check_answer(self, a, sagas, rows):
+        said = f"answer {a.code} {a.status} to saga request #{a.index}"
+        if a.code is None:
+            return
+        if a.code == 503 and a.saga is None:
+            return
+        if a.saga is None:
+            return self.violation(f"{said} ({a.url}) carried no saga id: {a.error}")
+        if a.saga not in sagas:
+            return self.violation(f"{said}: saga {a.saga} is not in the database", a.saga)
+        status, rejected, _ = sagas[a.saga]
+        if a.code == 200:
+            if a.status != "COMPLETED":
+                self.violation(f"{said}: 200 with status {a.status}", a.saga)
+            if status != "COMPLETED":
+                self.violation(f"{said}: the client was told COMPLETED but saga {a.saga} "
+                               f"is {status}", a.saga)
+            elif isinstance(a.results, dict):
+                for svc, (t, id_name) in ROW_IDS.items():
+                    rid = (a.results.get(svc) or {}).get(id_name)
+                    have = [r for r, _ in rows[t].get(a.saga, ())]
+                    if rid is not None and rid not in have:
+                        self.violation(f"{said}: told {t} id {rid}, the row is {have}", a.saga)
+        elif a.code == 202:
+            if a.status not in ACTIVE:
+                self.violation(f"{said}: 202 with status {a.status}", a.saga)
+        elif a.code == 409:
+            if a.status != "COMPENSATED":
+                self.violation(f"{said}: 409 with status {a.status}", a.saga)
+            if status != "COMPENSATED" or not rejected:
+                self.violation(f"{said}: saga {a.saga} is {status} (rejected={rejected})", a.saga)
+        elif a.code == 502:
+            if a.status not in ("COMPENSATED", "FAILED"):
+                self.violation(f"{said}: 502 with status {a.status}", a.saga)
+            if status not in ("COMPENSATED", "FAILED"):
+                self.violation(f"{said}: saga {a.saga} is {status}", a.saga)
+        else:
+            self.violation(f"{said}: unexpected HTTP {a.code} from /start: {a.error}", a.saga)
+
+    def dump(self, sid):
+        out = []
+        rows = self.db.query("SELECT id, status, step, attempt, failed_step, reason, rejected, "
+                             "lease_owner, lease_until, fence, created_at, updated_at "
+                             "FROM SAGA WHERE id = %s", (sid,))
+        out.append(f"  SAGA {rows[0] if rows else None}")
+        for t in TABLES:
+            out.append(f"  {t}: {self.db.query(f'SELECT * FROM {t} WHERE saga_id = %s', (sid,))}")
+        ledger = self.db.query("SELECT service, state, updated_at FROM STEP_LEDGER "
+                               "WHERE saga_id = %s", (sid,))
+        out.append(f"  STEP_LEDGER: {ledger}")
+        out.append("  SAGA_LOG:")
+        for r in self.db.query("SELECT id, created_at, service, action, step, attempt, status, "
+                               "http_status, elapsed_ms, message FROM SAGA_LOG "
+                               "WHERE saga_id = %s ORDER BY id", (sid,)):
+            out.append("    " + " | ".join(str(v) for v in r))
+        return "\n".join(out)
+
+
+# --- the run ------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Long run: python chaos.py --sagas 10000 --clients 16 "
+                                       "--db-restarts 3")
+    p.add_argument("--sagas", type=int, default=200, help="saga requests to make (default 200)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    p.add_argument("--seed", type=int, default=None, help="seed for the chaos and the inputs "
+                   "(default: random, printed)")
+    p.add_argument("--orchestrators", type=int, default=1,
+                   help="orchestrator processes sharing the database (default 1)")
+    p.add_argument("--db-restarts", type=int, default=0,
+                   help="restart the database this many times during the run (default 0)")
+    p.add_argument("--interval", type=float, default=0.7,
+                   help="mean seconds between chaos actions (default 0.7)")
+    p.add_argument("--no-chaos", action="store_true", help="no chaos thread (a baseline run)")
+    p.add_argument("--allow-failed", action="store_true",
+                   help="a FAILED saga is not a violation (it needs an operator)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop sending new sagas after this long (default 120 + sagas/2)")
+    p.add_argument("--settle-timeout", type=float, default=180,
+                   help="longest wait for quiet after the chaos stops (default 180)")
+    p.add_argument("--grace", type=float, default=3.5,
+                   help="seconds to wait after quiet for late requests to land (default 3.5)")
+    p.add_argument("--dump", type=int, default=5, help="sagas to print in full on a violation")
+    p.add_argument("--keep", action="store_true", help="keep the run directory")
+    p.add_argument("--json", metavar="PATH", help="also write the summary as JSON here")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every chaos action")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the processes (repeatable)")
+    g = p.add_argument_group("against a running system (fault injection only)")
+    g.add_argument("--url", action="append", default=[],
+                   help="an orchestrator's URL (repeatable); the harness then starts nothing")
+    g.add_argument("--db-host", default=os.environ.get("SAGA_DB_HOST", "127.0.0.1"))
+    g.add_argument("--db-port", type=int, default=int(os.environ.get("SAGA_DB_PORT", "3306")))
+    g.add_argument("--db-user", default=os.environ.get("SAGA_DB_USER", "saga"))
+    g.add_argument("--db-password", default=os.environ.get("SAGA_DB_PASSWORD", "saga"))
+    g.add_argument("--db-name", default=os.environ.get("SAGA_DB_NAME", "saga_db"))
+    g.add_argument("--token", default=os.environ.get("SAGA_API_TOKEN"),
+                   help="bearer token for PUT /faults (default $SAGA_API_TOKEN)")
+    args = p.parse_args(argv)
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(1, 10 ** 6)
+    if args.url and args.db_restarts:
+        p.error("--db-restarts needs the harness to own the database (no --url)")
+    if args.url and args.orchestrators != 1:
+        p.error("--orchestrators starts processes; with --url, pass --url once per orchestrator")
+    if args.sagas < 1 or args.clients < 1 or args.orchestrators < 1 or args.db_restarts < 0:
+        p.error("--sagas, --clients and --orchestrators must be at least 1")
+    if args.max_seconds is None:
+        args.max_seconds = 120 + args.sagas / 2
+    return args
+
+
+def replay_command(args):
+    cmd = ["python chaos.py", f"--seed {args.seed}", f"--sagas {args.sagas}",
+           f"--clients {args.clients}"]
+    if args.orchestrators != 1:
+        cmd.append(f"--orchestrators {args.orchestrators}")
+    if args.db_restarts:
+        cmd.append(f"--db-restarts {args.db_restarts}")
+    if args.interval != 0.7:
+        cmd.append(f"--interval {args.interval}")
+    if args.allow_failed:
+        cmd.append("--allow-failed")
+    if args.no_chaos:
+        cmd.append("--no-chaos")
+    for e in args.env:
+        cmd.append(f"--env {e}")
+    for u in args.url:
+        cmd.append(f"--url {u}")
+    return " ".join(cmd)
+
+
+def start_owned(args, rundir):
+    say(f"starting a private MariaDB and {args.orchestrators} orchestrator(s) + A, B, C "
+        f"in {rundir}")
+    server = PrivateMariaDB(os.path.join(rundir, "mariadb"))
+    server.install()
+    server.start()
+    log_deadlocks(server)
+    dbname = server.create_database("saga_chaos")
+    env = dict(CHAOS_ENV)
+    for item in args.env:
+        name, _, value = item.partition("=")
+        env[name] = value
+    env.update({"SAGA_DB_HOST": "127.0.0.1", "SAGA_DB_PORT": str(server.port),
+                "SAGA_DB_USER": "saga", "SAGA_DB_PASSWORD": "saga", "SAGA_DB_NAME": dbname})
+    logdir = os.path.join(rundir, "logs")
+    os.makedirs(logdir)
+    system = ChaosSystem(logdir, env, args.orchestrators)
+    system.start()
+    db = Database("127.0.0.1", server.port, "saga", "saga", dbname)
+    return server, system, db, env
+
+
+def log_deadlocks(server):
+    """Have MariaDB write every deadlock to its error log, for the summary."""
+    server.root("SET GLOBAL innodb_print_all_deadlocks = ON")
+
+
+def deadlocks(server):
+    """The statements of each deadlock MariaDB logged, shortened."""
+    found = []
+    try:
+        with open(server.log_path, errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return found
+    for block in text.split("*** (1) TRANSACTION:")[1:]:
+        queries = re.findall(r"^(?:INSERT|UPDATE|SELECT|DELETE)[^\n]*", block, re.M)
+        found.append(" / ".join(re.sub(r"'[^']*'", "?", q)[:110] for q in queries[:2]))
+    return found
+
+
+def recover_everything(system, chaos):
+    """After the chaos: thaw, restart the dead, wait until every process answers."""
+    for name in list(system.frozen):
+        if system.alive(name):
+            system.thaw(name)
+        system.frozen.discard(name)
+    for name in system.names:
+        if chaos and name in chaos.dead and system.alive(name):
+            # Stopped with SIGTERM and still shutting down: let it finish, then start it.
+            try:
+                system.procs[name].wait(10)
+            except subprocess.TimeoutExpired:
+                system.kill(name)
+        if not system.alive(name):
+            if chaos and name not in chaos.dead:
+                chaos.unexpected_exits.append((name, system.procs[name].returncode))
+            system.spawn(name)
+        if chaos:
+            chaos.dead.discard(name)
+    for name in system.names:
+        system.wait_healthy(name, timeout=60)
+
+
+def faults_off(args, system):
+    for svc, name in SERVICES.items():
+        resp = None
+        for _ in range(20):
+            try:
+                if system is not None:
+                    resp = requests.put(system.url(name) + "/faults", json={"mode": "off"},
+                                        timeout=2)
+                else:
+                    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+                    resp = requests.put(args.url[0] + f"/faults/{svc}", json={"mode": "off"},
+                                        headers=headers, timeout=5)
+                if resp.status_code == 200:
+                    break
+                if resp.status_code == 401:
+                    raise RuntimeError("PUT /faults needs the operator token: pass --token "
+                                       "or set SAGA_API_TOKEN")
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        else:
+            detail = (f"HTTP {resp.status_code}: {resp.text[:200]}" if resp is not None
+                      else "no answer")
+            raise RuntimeError(f"could not turn faults off on service {svc} ({detail})")
+
+
+APP_ERROR = re.compile(r"^\S+ \S+ (orchestrator|service_[abc]) (ERROR|CRITICAL) ")
+SERVER_ERROR = re.compile(r"^\[[^]]+\] \[\d+\] \[(ERROR|CRITICAL)\] (.*)")
+
+
+def scan_logs(logdir):
+    """Errors the processes logged: an app ERROR (an unexpected exception, a 500) is a
+    bug; gunicorn's own (a worker that crashed on an injected fault) are only counted."""
+    app, server = [], Counter()
+    for fname in sorted(os.listdir(logdir)):
+        with open(os.path.join(logdir, fname), errors="replace") as f:
+            for line in f:
+                if APP_ERROR.match(line):
+                    app.append(f"{fname}: {line.strip()[:300]}")
+                elif m := SERVER_ERROR.match(line):
+                    server[re.sub(r"\d+", "N", m.group(2))[:120]] += 1
+    return app, server
+
+
+def wait_quiet(checker, timeout):
+    began = time.monotonic()
+    last = None
+    while True:
+        try:
+            last = checker.active_count()
+            if last == 0:
+                return time.monotonic() - began, 0
+        except mysql.connector.Error:
+            pass
+        if time.monotonic() - began > timeout:
+            return time.monotonic() - began, last
+        time.sleep(0.25)
+
+
+def summarize(args, clients, chaos, checker, outcomes, timing, stuck, extra_notes):
+    codes = Counter("no answer" if a.code is None else str(a.code) for a in clients.answers)
+    no_answer_ids = {clients.username(a.index) for a in clients.answers if a.code is None}
+    per_process = {name: dict(c) for name, c in sorted(chaos.counts.items())} if chaos else {}
+    db_restarts = chaos.db_restarts if chaos else []
+    summary = {
+        "seed": args.seed,
+        "replay": replay_command(args),
+        "sagas_requested": args.sagas,
+        "sagas_sent": clients.sent(),
+        "stopped_early": clients.stopped_early,
+        "sagas_in_db": sum(outcomes.values()),
+        "answers": dict(sorted(codes.items())),
+        "retried": dict(clients.retried),
+        "gave_up": clients.gave_up,
+        "no_answer": len([a for a in clients.answers if a.code is None]),
+        "no_answer_saga_exists": extra_notes.get("no_answer_exists", 0),
+        "no_answer_kinds": dict(Counter((a.error or "").split(":")[0] for a in clients.answers
+                                        if a.code is None)),
+        "completed": outcomes.get("COMPLETED", 0),
+        "compensated": outcomes.get("COMPENSATED", 0),
+        "failed": outcomes.get("FAILED", 0),
+        "stuck": stuck,
+        "chaos": per_process,
+        "db_restarts": db_restarts,
+        "db_restarts_requested": args.db_restarts,
+        "unexpected_exits": chaos.unexpected_exits if chaos else [],
+        "coverage_left": chaos.coverage if chaos else [],
+        "timing": timing,
+        "violations": checker.violations,
+        "notes": extra_notes.get("notes", []),
+    }
+    say("")
+    say(f"===== chaos summary (seed {args.seed}) =====")
+    say(f"replay:      {summary['replay']}")
+    say(f"sagas:       {args.sagas} requested, {summary['sagas_sent']} sent"
+        f"{' (stopped at --max-seconds)' if clients.stopped_early else ''}, "
+        f"{summary['sagas_in_db']} in the database")
+    say("answers:     " + "  ".join(f"{k}: {v}" for k, v in summary["answers"].items())
+        + f"   (retried: {dict(clients.retried) or 'none'}; gave up: {clients.gave_up})")
+    say(f"no answer:   {summary['no_answer']} (of which {summary['no_answer_saga_exists']} "
+        f"sagas were made anyway; all checked like the rest) {summary['no_answer_kinds'] or ''}")
+    say(f"outcomes:    completed {summary['completed']}  compensated {summary['compensated']}  "
+        f"failed {summary['failed']}  stuck {stuck}")
+    if chaos:
+        for name, c in per_process.items():
+            say(f"chaos:       {name:<14} " + "  ".join(f"{k} {v}" for k, v in sorted(c.items())))
+        if chaos.system is None:
+            say("chaos:       fault injection only (--url: the harness owns no process)")
+        else:
+            say(f"database:    {len(db_restarts)} of {args.db_restarts} restart(s) "
+                + ", ".join(f"{m} (down {d}s, back after {t}s)" for m, d, t in db_restarts))
+        if chaos.unexpected_exits:
+            say(f"exits:       processes that died on their own: {chaos.unexpected_exits}")
+    say(f"timing:      chaos phase {timing['chaos_phase']:.1f}s, recovery (thaw/restart) "
+        f"{timing['recover']:.1f}s, settle to quiet {timing['settle']:.1f}s "
+        f"(from chaos stop), total {timing['total']:.1f}s")
+    for note in summary["notes"]:
+        say(f"note:        {note}")
+    say(f"violations:  {len(checker.violations)}")
+    for v in checker.violations[:100]:
+        say(f"  - {v}")
+    if len(checker.violations) > 100:
+        say(f"  ... and {len(checker.violations) - 100} more")
+    return summary
+
+
+def main(argv=None):
+    args = parse_args(argv if argv is not None else sys.argv[1:])
+    say(f"chaos seed {args.seed}  (replay: {replay_command(args)})")
+    rng = random.Random(args.seed)
+    tag = f"chaos{args.seed}-{uuid.uuid4().hex[:6]}"
+    owned = not args.url
+    rundir = tempfile.mkdtemp(prefix=f"saga-chaos-{args.seed}-")
+    keep = args.keep
+    server = system = chaos = None
+    began = time.monotonic()
+    try:
+        if owned:
+            server, system, db, env = start_owned(args, rundir)
+            urls = [system.url(n) for n in system.orchestrators]
+            client_timeout = float(env["SAGA_START_WAIT"]) + 30
+        else:
+            urls = [u.rstrip("/") for u in args.url]
+            db = Database(args.db_host, args.db_port, args.db_user, args.db_password, args.db_name)
+            db.query("SELECT 1")
+            client_timeout = 90
+            faults_off(args, None)   # fails early without the operator token
+        checker = Checker(db, None if owned else tag, args.allow_failed)
+        clients = Clients(urls, args.sagas, args.clients, args.seed, tag, client_timeout,
+                          time.monotonic() + args.max_seconds, retry_for=120)
+        actions_log = open(os.path.join(rundir, "chaos-actions.log"), "w")
+        if not args.no_chaos:
+            chaos = Chaos(args, rng, system, server, clients, actions_log)
+            clients.more = chaos.unfinished
+        say(f"running {args.sagas} sagas from {args.clients} clients over {len(urls)} "
+            f"orchestrator(s){'' if chaos else ' without chaos'}")
+        chaos_began = time.monotonic()
+        clients.start()
+        if chaos:
+            chaos.start()
+        last_print = time.monotonic()
+        while clients.running():
+            time.sleep(0.2)
+            if time.monotonic() - last_print >= 5:
+                last_print = time.monotonic()
+                say(f"  [{last_print - chaos_began:6.1f}s] {clients.finished}/{args.sagas} done, "
+                    f"{len(clients.answers)} answers"
+                    + (f", {sum(sum(c.values()) for c in chaos.counts.values())} chaos actions"
+                       if chaos else ""))
+        stopped = time.monotonic()
+        if chaos:
+            chaos.stop_event.set()
+            chaos.join(30)
+            chaos.finish_database()
+        recover_began = time.monotonic()
+        if system:
+            recover_everything(system, chaos)
+        faults_off(args, system)
+        recovered = time.monotonic()
+        settle, stuck = wait_quiet(checker, args.settle_timeout)
+        settle_total = time.monotonic() - stopped
+        if not stuck:
+            # Late requests (a hang fault sleeps past the read timeout) land now or never.
+            time.sleep(args.grace)
+            _, stuck = wait_quiet(checker, args.settle_timeout)
+        answers = list(clients.answers)
+        outcomes = checker.check(answers)
+        notes = {"notes": []}
+        if chaos:
+            for err in chaos.errors:
+                checker.violations.append("harness: " + err.strip().splitlines()[-1])
+            for name, rc in chaos.unexpected_exits:
+                checker.violation(f"process {name} exited on its own (exit code {rc})")
+            if len(chaos.db_restarts) < args.db_restarts:
+                notes["notes"].append(f"only {len(chaos.db_restarts)} of {args.db_restarts} "
+                                      "database restarts happened (the run ended first)")
+            if chaos.coverage:
+                notes["notes"].append("not every process was killed and frozen, nor every "
+                                      f"service given a fault; left: {chaos.coverage}")
+            odd = [a for a in answers if a.code == 503 and not chaos.db_was_down(a.at)]
+            if odd:
+                kinds = Counter(re.sub(r"\d{3,}", "N", a.error or "")[:160] for a in odd)
+                notes["notes"].append(
+                    f"{len(odd)} answer(s) 503 while the database was up (retried): "
+                    + "; ".join(f"{n}x {k}" for k, n in kinds.most_common(4)))
+        if server:
+            locks = deadlocks(server)
+            if locks:
+                notes["notes"].append(f"{len(locks)} deadlock(s) in the database (see "
+                                      f"{server.log_path}): " + "; ".join(
+                                          f"{n}x {k}" for k, n in Counter(locks).most_common(3)))
+        if system:
+            app_errors, server_errors = scan_logs(system.logdir)
+            for line in app_errors[:20]:
+                checker.violation(f"error logged: {line}")
+            if len(app_errors) > 20:
+                checker.violation(f"... and {len(app_errors) - 20} more errors logged")
+            if server_errors:
+                notes["notes"].append("gunicorn errors: " + "; ".join(
+                    f"{n}x {text}" for text, n in server_errors.most_common(5)))
+        usernames = {clients.username(a.index) for a in answers if a.code is None}
+        if usernames:
+            where = ", ".join(["%s"] * len(usernames))
+            notes["no_answer_exists"] = db.query(
+                f"SELECT COUNT(*) FROM SAGA WHERE username IN ({where})", tuple(usernames))[0][0]
+        timing = {"chaos_phase": stopped - chaos_began, "recover": recovered - recover_began,
+                  "settle": settle_total, "total": time.monotonic() - began}
+        summary = summarize(args, clients, chaos, checker, outcomes, timing, stuck, notes)
+        if checker.suspects and args.dump:
+            say("")
+            say(f"first {min(args.dump, len(checker.suspects))} saga(s) involved:")
+            for sid in checker.suspects[:args.dump]:
+                say(f"saga {sid}")
+                say(checker.dump(sid))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(summary, f, indent=2, default=str)
+        failed = bool(checker.violations)
+        if failed:
+            keep = True
+        return 1 if failed else 0
+    except KeyboardInterrupt:
+        keep = True
+        say("interrupted")
+        return 2
+    except Exception:
+        keep = True
+        say("harness error:\n" + traceback.format_exc())
+        return 2
+    finally:
+        if chaos:
+            chaos.stop_event.set()
+        if system:
+            try:
+                system.stop()
+            except Exception:
+                pass
+        if server:
+            try:
+                server.stop()
+            except Exception:
+                try:
+                    server.kill()
+                except Exception:
+                    pass
+        if keep:
+            say(f"run directory kept: {rundir} "
+                f"({'logs/, chaos-actions.log, mariadb/' if owned else 'chaos-actions.log'})")
+        else:
+            shutil.rmtree(rundir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
