@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import mysql.connector
-from mysql.connector import errorcode, pooling
+from mysql.connector import errorcode
 from mysql.connector.constants import ClientFlag
 from flask import jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -108,8 +108,8 @@ def load_settings():
         raise ConfigError("SAGA_MAX_ATTEMPTS must be at least 1")
     if s.faults not in ("seed", "off"):
         raise ConfigError(f"SAGA_FAULTS={s.faults!r}: expected 'seed' or 'off'")
-    if not 1 <= s.db_pool_size <= pooling.CNX_POOL_MAXSIZE:
-        raise ConfigError(f"SAGA_DB_POOL_SIZE must be 1..{pooling.CNX_POOL_MAXSIZE}")
+    if not 1 <= s.db_pool_size <= 200:
+        raise ConfigError("SAGA_DB_POOL_SIZE must be 1..200")
     return s
 
 
@@ -132,6 +132,9 @@ UNAVAILABLE_ERRNOS = {
 }
 
 
+LOCK_ERRNOS = {errorcode.ER_LOCK_DEADLOCK, errorcode.ER_LOCK_WAIT_TIMEOUT}
+
+
 def is_unavailable(exc):
     # mysql-connector may wrap a lost connection in a ProgrammingError: look at causes too.
     while exc is not None:
@@ -146,47 +149,73 @@ def is_unavailable(exc):
 
 
 class Database:
-    """A pool of connections. mysql-connector's pool pings each connection as it is
-    handed out and reconnects a dead one, so a restarted server costs no failed
+    """A small pool of connections, each kept with one cursor. Not mysql-connector's own
+    pool: that pings every connection it hands out while holding a lock global to the
+    process, and each new cursor pings again. Here each checkout pings once, outside any
+    lock, and reconnects a dead connection, so a restarted server costs no failed
     request; the semaphore makes a busy pool wait instead of raising."""
 
     def __init__(self, settings):
         self._settings = settings
         self._slots = threading.BoundedSemaphore(settings.db_pool_size)
-        self._pool = None
-        self._pool_lock = threading.Lock()
+        self._idle = []  # (connection, cursor), most recently used last
+        self._lock = threading.Lock()
 
-    def _get_pool(self):
-        with self._pool_lock:
-            if self._pool is None:
-                s = self._settings
-                self._pool = pooling.MySQLConnectionPool(
-                    pool_size=s.db_pool_size, pool_reset_session=False,
-                    host=s.db_host, port=s.db_port, user=s.db_user,
-                    password=s.db_password, database=s.db_name,
-                    charset="utf8mb4", collation="utf8mb4_unicode_ci",
-                    autocommit=False, connection_timeout=5,
-                    # UPDATE's rowcount counts matched rows, which the fencing check needs.
-                    client_flags=[ClientFlag.FOUND_ROWS])
-            return self._pool
+    def _connect(self):
+        s = self._settings
+        conn = mysql.connector.connect(
+            host=s.db_host, port=s.db_port, user=s.db_user, password=s.db_password,
+            database=s.db_name, charset="utf8mb4", collation="utf8mb4_unicode_ci",
+            # Pure Python: the same behaviour everywhere (the C extension raises its own
+            # unwrapped errors from commit, and cannot load beside Debian 12's OpenSSL).
+            autocommit=False, connection_timeout=5, use_pure=True,
+            # UPDATE's rowcount counts matched rows, which the fencing check needs.
+            client_flags=[ClientFlag.FOUND_ROWS])
+        return conn, conn.cursor(buffered=True)
+
+    def _checkout(self):
+        with self._lock:
+            item = self._idle.pop() if self._idle else None
+        if item is None:
+            return self._connect()
+        conn, cur = item
+        try:
+            conn.ping(reconnect=False)
+            return conn, cur
+        except mysql.connector.Error:
+            _close_quietly(conn)
+            return self._connect()
 
     @contextmanager
-    def connection(self):
+    def _checked_out(self):
         if not self._slots.acquire(timeout=10):
             raise mysql.connector.errors.PoolError("no database connection free for 10 s")
         try:
-            conn = self._get_pool().get_connection()
+            conn, cur = self._checkout()
+            healthy = False
             try:
-                yield conn
+                yield conn, cur
+                healthy = True
+            except BaseException as exc:
+                healthy = not is_unavailable(exc) or getattr(exc, "errno", None) in LOCK_ERRNOS
+                raise
             finally:
-                conn.close()
+                if healthy:
+                    with self._lock:
+                        self._idle.append((conn, cur))
+                else:
+                    # The server went away: the idle connections are most likely dead
+                    # too, so drop them all rather than ping each in turn.
+                    with self._lock:
+                        dead, self._idle = self._idle, []
+                    for other, _ in dead + [(conn, None)]:
+                        _close_quietly(other)
         finally:
             self._slots.release()
 
     @contextmanager
     def transaction(self, read_committed=False):
-        with self.connection() as conn:
-            cur = conn.cursor()
+        with self._checked_out() as (conn, cur):
             try:
                 if read_committed:  # applies to this transaction only
                     cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
@@ -198,8 +227,6 @@ class Database:
                 except mysql.connector.Error:
                     pass
                 raise
-            finally:
-                cur.close()
 
     def ping(self):
         try:
@@ -209,6 +236,13 @@ class Database:
             return True
         except mysql.connector.Error:
             return False
+
+
+def _close_quietly(conn):
+    try:
+        conn.close()
+    except Exception:  # closing a dead connection may fail in any way; it is gone anyway
+        pass
 
 
 # --- HTTP helpers ---------------------------------------------------------------------
@@ -446,9 +480,12 @@ def initial_fault(settings, service):
 
 # --- serving ----------------------------------------------------------------------------
 
-def serve(app_factory, port, settings, name):
+def serve(app_factory, port, settings, name, preload=False):
     """Run an app under gunicorn: a production server whose master replaces a worker
-    that dies (the 'crash after commit' fault) while the listening socket stays open."""
+    that dies (the 'crash after commit' fault) while the listening socket stays open.
+    With `preload` the app is built once in the master, so a replacement worker is a
+    fork, ready at once; only for apps that start no threads and open no connections
+    when built."""
     from gunicorn.app.base import BaseApplication
 
     class Server(BaseApplication):
@@ -462,6 +499,7 @@ def serve(app_factory, port, settings, name):
             self.cfg.set("timeout", 60)
             self.cfg.set("proc_name", name)
             self.cfg.set("control_socket_disable", True)  # one shared default path
+            self.cfg.set("preload_app", preload)
             self.cfg.set("errorlog", "-")
             self.cfg.set("loglevel", "info")
 

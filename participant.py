@@ -187,4 +187,5 @@ def run(part, create_app):
     # Created before the server forks, so a replaced worker keeps the same fault state.
     faults = FaultStore(initial_fault(settings, part.service))
     name = f"service_{part.service.lower()}"
-    serve(lambda: create_app(settings, faults), getattr(settings, f"{name}_port"), settings, name)
+    serve(lambda: create_app(settings, faults), getattr(settings, f"{name}_port"), settings,
+          name, preload=True)

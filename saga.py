@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import mysql.connector
-import requests
-from requests.adapters import HTTPAdapter
+import urllib3
 
 from common import backoff_delay
 
@@ -240,13 +239,7 @@ class Engine:
         self.settings, self.db, self.steps = settings, db, tuple(steps)
         self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.store = SagaStore(db, settings, self.owner)
-        self.http = requests.Session()
-        adapter = HTTPAdapter(pool_connections=len(self.steps),
-                              pool_maxsize=settings.drivers, max_retries=0)
-        self.http.mount("http://", adapter)
-        self.http.mount("https://", adapter)
-        if settings.api_token:
-            self.http.headers["Authorization"] = f"Bearer {settings.api_token}"
+        self.http = ServiceClient(settings, maxsize=settings.drivers + 4)
         self.executor = ThreadPoolExecutor(settings.drivers, thread_name_prefix="saga")
         # Saga id -> drivers holding it here. A count, not a set: an operator action can
         # start a new driver while the one it fenced off is still winding down.
@@ -373,28 +366,23 @@ class Engine:
 
     def _call(self, step, action, body):
         started = time.monotonic()
-        timeout = (self.settings.connect_timeout, self.settings.read_timeout)
         try:
-            resp = self.http.post(f"{step.url}/{action}", json=body, timeout=timeout)
-        except requests.Timeout as exc:
-            kind = "connect" if isinstance(exc, requests.ConnectTimeout) else "read"
-            return self._outcome(started, None, False, True, f"{kind} timeout ({exc.__class__.__name__})")
-        except requests.RequestException as exc:
+            status, payload, reason = self.http.call("POST", f"{step.url}/{action}", body)
+        except urllib3.exceptions.ConnectTimeoutError:
+            return self._outcome(started, None, False, True, "connect timeout")
+        except urllib3.exceptions.ReadTimeoutError:
+            return self._outcome(started, None, False, True,
+                                 f"read timeout after {self.settings.read_timeout:g} s")
+        except urllib3.exceptions.HTTPError as exc:
             return self._outcome(started, None, False, True, f"connection failed: {short(exc)}")
-        try:
-            payload = resp.json()
-        except ValueError:
-            payload = None
         detail = payload.get("error") if isinstance(payload, dict) else None
-        if resp.status_code >= 500 or resp.status_code in (408, 429):
-            return self._outcome(started, resp.status_code, False, True,
-                                 f"HTTP {resp.status_code}: {detail or resp.reason}")
-        if resp.status_code >= 400:
-            return self._outcome(started, resp.status_code, False, False,
-                                 f"HTTP {resp.status_code}: {detail or resp.reason}")
+        if status >= 500 or status in (408, 429):
+            return self._outcome(started, status, False, True, f"HTTP {status}: {detail or reason}")
+        if status >= 400:
+            return self._outcome(started, status, False, False, f"HTTP {status}: {detail or reason}")
         if not isinstance(payload, dict):
-            return self._outcome(started, resp.status_code, False, True, "answer was not a JSON object")
-        return self._outcome(started, resp.status_code, True, False, describe(action, payload), payload)
+            return self._outcome(started, status, False, True, "answer was not a JSON object")
+        return self._outcome(started, status, True, False, describe(action, payload), payload)
 
     @staticmethod
     def _outcome(started, http_status, ok, retryable, message, body=None):
@@ -445,6 +433,31 @@ class Engine:
                      saga.step + 1, saga.attempt)
             self.submit(saga, resumed=True)
         return len(sagas)
+
+
+class ServiceClient:
+    """JSON over HTTP to the services: urllib3's keep-alive connection pools (requests'
+    own engine, without its per-call work on proxies, cookies and hooks), no retries of
+    its own (retrying is the saga's decision), a connect and a read timeout per call."""
+
+    def __init__(self, settings, maxsize):
+        self.pools = urllib3.PoolManager(num_pools=16, maxsize=maxsize, retries=False)
+        self.headers = {"Content-Type": "application/json"}
+        if settings.api_token:
+            self.headers["Authorization"] = f"Bearer {settings.api_token}"
+        self.timeout = urllib3.Timeout(connect=settings.connect_timeout,
+                                       read=settings.read_timeout)
+
+    def call(self, method, url, body=None, timeout=None):
+        """(HTTP status, the JSON answer or None, reason); raises urllib3's HTTPError
+        when no answer came (refused, reset, timed out)."""
+        resp = self.pools.request(method, url, headers=self.headers, timeout=timeout or self.timeout,
+                                  body=None if body is None else json.dumps(body).encode())
+        try:
+            payload = json.loads(resp.data)
+        except ValueError:
+            payload = None
+        return resp.status, payload, resp.reason
 
 
 def describe(action, payload):
