@@ -1,7 +1,6 @@
 """The orchestrator (port 5000): runs each registration as a saga A -> B -> C over HTTP,
 compensates in reverse on failure, and serves the API and ui.html."""
 
-import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -85,17 +84,13 @@ def create_app(settings=None, start_background=True):
         reject_unknown_fields(body, set(INPUT_FIELDS))
         data = {name: text_field(body, name) for name in INPUT_FIELDS}
         saga = engine.store.create(str(uuid.uuid4()), data)
-        saga = wait_for_outcome(engine.submit(saga), saga)
+        saga = as_saved(engine.drive_until(saga, settings.start_wait))
         return jsonify(start_answer(saga)), start_status_code(saga)
 
-    def wait_for_outcome(future, saga):
-        """The saga as the database holds it when its driver stops, or after
-        SAGA_START_WAIT: never a state the driver had not saved (its last save may have
-        failed, or another orchestrator may have taken the saga over)."""
-        try:
-            saga = future.result(timeout=settings.start_wait)
-        except concurrent.futures.TimeoutError:
-            pass
+    def as_saved(saga):
+        """The saga as the database holds it once this request stopped driving it: never
+        a state that was not saved (the last save may have failed, or another
+        orchestrator may have taken the saga over)."""
         if saga.saved_status in ACTIVE or saga.saved_status != saga.status:
             try:
                 return engine.store.load(saga.id) or saga
@@ -226,7 +221,7 @@ def create_app(settings=None, start_background=True):
         if saga is None:
             return error(404, f"no saga with id {saga_id!r}", "saga_id")
         if taken:
-            saga = wait_for_outcome(engine.submit(saga), saga)
+            saga = as_saved(engine.drive_until(saga, settings.start_wait))
         code = 202 if saga.status in ACTIVE else 200
         return jsonify(start_answer(saga)), code
 

@@ -255,15 +255,25 @@ class Engine:
             self._active[saga.id] += 1
         return self.executor.submit(self._drive, saga, resumed)
 
+    def drive_until(self, saga, seconds):
+        """Drive `saga` on the calling thread (a /start request needs no hop to another
+        thread) for up to `seconds`, then hand what is left to a driver thread."""
+        with self._active_lock:
+            self._active[saga.id] += 1
+        return self._drive(saga, False, time.monotonic() + seconds)
+
     def active_count(self):
         with self._active_lock:
             return len(self._active)
 
-    def _drive(self, saga, resumed):
+    def _drive(self, saga, resumed, deadline=None):
         try:
             if resumed:
                 self._resume(saga)
             while saga.status in ACTIVE:
+                if deadline is not None and time.monotonic() + saga.wait >= deadline:
+                    self.submit(saga)  # the lease stays ours: carry on in the background
+                    break
                 if saga.wait > 0:
                     time.sleep(saga.wait)
                 if saga.status == RUNNING:
