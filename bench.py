@@ -608,7 +608,7 @@ class _RecordingDatabase:
     def __init__(self, *args, **kwargs):
         self.log = []
 
-    def transaction(self):
+    def transaction(self, **_options):
         import contextlib
 
         @contextlib.contextmanager
