@@ -916,7 +916,6 @@ def wait_quiet(checker, timeout):
 
 def summarize(args, clients, chaos, checker, outcomes, timing, stuck, extra_notes):
     codes = Counter("no answer" if a.code is None else str(a.code) for a in clients.answers)
-    no_answer_ids = {clients.username(a.index) for a in clients.answers if a.code is None}
     per_process = {name: dict(c) for name, c in sorted(chaos.counts.items())} if chaos else {}
     db_restarts = chaos.db_restarts if chaos else []
     summary = {

@@ -10,7 +10,6 @@ import os
 import random
 import re
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 

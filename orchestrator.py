@@ -16,7 +16,7 @@ from common import (MAX_BODY_BYTES, SAGA_ID, BadRequest, Database, error,
                     install_error_handlers, json_object, load_settings, parse_fault,
                     reject_unknown_fields, serve, text_field, token_ok)
 from openapi import SPEC
-from saga import (ACTIVE, COMPENSATED, COMPENSATING, COMPLETED, FAILED, RUNNING, STATES,
+from saga import (ACTIVE, COMPENSATED, COMPENSATING, COMPLETED, FAILED, STATES,
                   Engine, IllegalTransition, Step, saga_event)
 
 log = logging.getLogger("saga")
