@@ -98,11 +98,15 @@ class PrivateMariaDB:
             self.proc.wait(10)
 
     def root(self, *statements):
+        """Run statements as the server's root; returns the last one's rows, if any."""
         conn = mysql.connector.connect(unix_socket=self.socket, user="root", autocommit=True)
         try:
             cur = conn.cursor()
+            rows = []
             for sql in statements:
                 cur.execute(sql)
+                rows = cur.fetchall() if cur.with_rows else []
+            return rows
         finally:
             conn.close()
 

@@ -60,6 +60,18 @@ class Saga:
     def service(self, name):
         return self.system.url(f"service_{name.lower()}")
 
+    def in_flight(self, service):
+        """How many calls the service is serving right now."""
+        return requests.get(self.service(service) + "/health", timeout=5).json()["in_flight"]
+
+    def wait_serving(self, service):
+        wait_for(lambda: self.in_flight(service), 30, f"service {service} to be serving a call")
+
+    def wait_idle(self, service):
+        """Until the service has finished every call it was serving (a hung one too), so
+        a late commit has landed or never will."""
+        wait_for(lambda: self.in_flight(service) == 0, 30, f"service {service} to finish its calls")
+
     def set_fault(self, service, **fault):
         resp = requests.put(self.service(service) + "/faults", json=fault, timeout=10)
         assert resp.status_code == 200, resp.text

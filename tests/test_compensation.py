@@ -4,7 +4,6 @@ in reverse order including the failed step, leaving no row behind."""
 import threading
 
 import pytest
-import requests
 
 from launcher import wait_for
 
@@ -17,12 +16,6 @@ def expected_calls(failed, attempts, status):
     return ([(s, "invoke", 1, "success") for s in done]
             + [(failed, "invoke", n, status) for n in range(1, attempts + 1)]
             + [(s, "compensate", 1, "success") for s in reversed(done + failed)])
-
-
-def wait_until_idle(saga, service):
-    """Until the service has finished every call it was serving (a hung one included)."""
-    wait_for(lambda: requests.get(saga.service(service) + "/health", timeout=5)
-             .json()["in_flight"] == 0, 30, f"service {service} to finish its calls")
 
 
 @pytest.mark.parametrize("failed", STEPS)
@@ -60,7 +53,7 @@ def test_timeout_is_retried_then_undone_and_late_commits_leave_no_row(saga, fail
     assert all("timeout" in m for (m,) in saga.query(
         "SELECT message FROM SAGA_LOG WHERE saga_id = %s AND service = %s AND action = 'invoke'",
         (sid, failed)))
-    wait_until_idle(saga, failed)
+    saga.wait_idle(failed)
     assert saga.row_counts() == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
     assert saga.saga_row(sid)[0] == "COMPENSATED"
 

@@ -28,11 +28,6 @@ def wait_step(saga, step, status="RUNNING"):
     return rows[0][0]
 
 
-def service_idle(saga, service):
-    wait_for(lambda: requests.get(saga.service(service) + "/health", timeout=5)
-             .json()["in_flight"] == 0, 30, f"service {service} to finish its calls")
-
-
 def test_kill_during_a_call_resumes_and_completes(saga):
     saga.set_fault("B", mode="hang", seconds=2, next=1)
     thread, answer = in_background(saga.start)
@@ -42,7 +37,7 @@ def test_kill_during_a_call_resumes_and_completes(saga):
     assert "error" in answer  # the client lost its answer with the orchestrator
     saga.system.start("orchestrator")
     assert saga.wait_status(sid) == "COMPLETED"
-    service_idle(saga, "B")
+    saga.wait_idle("B")
     assert saga.row_counts(sid) == {"TABLE_A": 1, "TABLE_B": 1, "TABLE_C": 1}
     b_calls = [c for c in saga.calls(sid) if c[0] == "B"]
     assert b_calls[0] == ("B", "invoke", 1, "unknown")
@@ -53,8 +48,7 @@ def test_kill_after_service_committed_before_orchestrator_recorded_it(saga):
     saga.set_fault("B", mode="slow", seconds=1, next=1)
     thread, answer = in_background(saga.start)
     sid = wait_step(saga, 1)
-    wait_for(lambda: requests.get(saga.service("B") + "/health", timeout=5).json()["in_flight"],
-             30, "B to be serving the call")
+    saga.wait_serving("B")
     saga.system.freeze("orchestrator")
     # B commits while the orchestrator cannot hear it; then the orchestrator dies.
     wait_for(lambda: saga.row_counts(sid)["TABLE_B"] == 1, 30, "B to commit")
@@ -74,7 +68,7 @@ def test_kill_during_compensation_resumes_compensation(saga):
     saga.system.kill("orchestrator")
     saga.system.start("orchestrator")
     assert saga.wait_status(sid) == "COMPENSATED"
-    service_idle(saga, "B")
+    saga.wait_idle("B")
     assert saga.row_counts(sid) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
     comp = [(c[0], c[2], c[3]) for c in saga.calls(sid) if c[1] == "compensate"]
     assert comp[0] == ("C", 1, "success") and comp[-1] == ("A", 1, "success")
@@ -117,7 +111,7 @@ def test_second_orchestrator_takes_over_a_dead_ones_sagas(make_system):
     owners = {r[0] for r in system.query("SELECT DISTINCT s.message FROM SAGA_LOG s "
                                          "WHERE s.status = 'unknown'")}
     assert owners and all(second in m for m in owners) and not any(first_owner in m for m in owners)
-    service_idle(system, "B")
+    system.wait_idle("B")
     system.assert_all_or_nothing()
     for t in threads:
         t.join(5)
@@ -172,7 +166,7 @@ def test_frozen_service_is_treated_as_slow_and_its_late_commit_leaves_no_row(sag
     thread.join(30)
     assert answer["resp"].status_code == 502
     assert saga.saga_row(sid)[0] == "COMPENSATED"
-    service_idle(saga, "B")
+    saga.wait_idle("B")
     assert saga.row_counts() == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
 
 
@@ -205,22 +199,12 @@ def test_database_restart_mid_saga_is_survived(saga):
 
 def test_dropped_database_connections_are_replaced(saga):
     saga.start()
-    saga.server.root("SELECT 1")
-    for (pid,) in [r for r in _processlist(saga)]:
+    pooled = saga.server.root("SELECT id FROM information_schema.PROCESSLIST WHERE user = 'saga'")
+    assert pooled, "the processes should hold pooled connections after a saga"
+    for (pid,) in pooled:
         saga.server.root(f"KILL {pid}")
     resp = saga.start()
     assert resp.status_code == 200 and resp.json()["status"] == "COMPLETED"
-
-
-def _processlist(saga):
-    import mysql.connector
-    conn = mysql.connector.connect(unix_socket=saga.server.socket, user="root")
-    try:
-        cur = conn.cursor()
-        cur.execute("SELECT id FROM information_schema.PROCESSLIST WHERE user = 'saga'")
-        return cur.fetchall()
-    finally:
-        conn.close()
 
 
 def test_start_never_answers_from_a_state_it_could_not_save(saga):
@@ -229,8 +213,7 @@ def test_start_never_answers_from_a_state_it_could_not_save(saga):
     saga.set_fault("C", mode="slow", seconds=1, next=1)
     thread, answer = in_background(saga.start)
     sid = wait_step(saga, 2)
-    wait_for(lambda: requests.get(saga.service("C") + "/health", timeout=5).json()["in_flight"],
-             30, "C to be serving the call")
+    saga.wait_serving("C")
     saga.system.freeze("orchestrator")
     wait_for(lambda: saga.row_counts(sid)["TABLE_C"] == 1, 30, "C to commit")
     saga.server.stop()
