@@ -117,10 +117,9 @@ def create_app(settings=None, start_background=True):
             params.append(username)
         # Unfiltered, MariaDB would rather scan and sort than walk saga_created for a
         # deep offset; walking the index is what keeps pages fast on a big table.
-        sql = ("SELECT id, status, step, attempt, username, failed_step, reason, created_at, "
-               "updated_at FROM SAGA" + (" WHERE " + " AND ".join(where) if where
-                                         else " FORCE INDEX (saga_created)")
-               + " ORDER BY created_at DESC, id DESC LIMIT %s OFFSET %s")
+        scope = " WHERE " + " AND ".join(where) if where else " FORCE INDEX (saga_created)"
+        sql = (f"SELECT {ITEM_COLUMNS} FROM SAGA{scope} "
+               "ORDER BY created_at DESC, id DESC LIMIT %s OFFSET %s")
         with db.transaction() as cur:
             cur.execute(sql, (*params, limit + 1, offset))
             rows = cur.fetchall()
@@ -132,8 +131,7 @@ def create_app(settings=None, start_background=True):
     def get_saga(saga_id):
         check_saga_id(saga_id)
         with db.transaction() as cur:
-            cur.execute("SELECT id, status, step, attempt, username, failed_step, reason, "
-                        "created_at, updated_at, address, payment, results, rejected "
+            cur.execute(f"SELECT {ITEM_COLUMNS}, address, payment, results, rejected "
                         "FROM SAGA WHERE id = %s", (saga_id,))
             row = cur.fetchone()
             if row is None:
@@ -153,8 +151,7 @@ def create_app(settings=None, start_background=True):
     def saga_status(saga_id):
         check_saga_id(saga_id)
         with db.transaction() as cur:
-            cur.execute("SELECT id, status, step, attempt, username, failed_step, reason, "
-                        "created_at, updated_at FROM SAGA WHERE id = %s", (saga_id,))
+            cur.execute(f"SELECT {ITEM_COLUMNS} FROM SAGA WHERE id = %s", (saga_id,))
             row = cur.fetchone()
         if row is None:
             return error(404, f"no saga with id {saga_id!r}", "saga_id")
@@ -280,6 +277,8 @@ def create_app(settings=None, start_background=True):
     return app
 
 
+# What saga_item() reads, in its order.
+ITEM_COLUMNS = "id, status, step, attempt, username, failed_step, reason, created_at, updated_at"
 LOG_COLUMNS = ("id, saga_id, service, status, message, created_at, step, action, attempt, "
                "http_status, elapsed_ms")
 
