@@ -1,34 +1,33 @@
-"""What every process shares: settings, the database pool, JSON errors, fault
-injection, and the production server that runs each app."""
+"""The foundation every process shares: its settings (all from the environment) and its
+database (a small connection pool with visible transactions, UTC sessions, retries that
+are safe, and a check that the server can do what the engine needs)."""
 
-import hmac
-import json
 import logging
-import mmap
-import multiprocessing
 import os
 import random
 import re
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 import mysql.connector
 from mysql.connector import errorcode
 from mysql.connector.constants import ClientFlag
-from flask import jsonify, request
-from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("saga")
+
+SERVICES = ("A", "B", "C")  # the three participants, each owning its tables and one account
 
 
 # --- settings -----------------------------------------------------------------------
 
 class ConfigError(ValueError):
-    pass
+    """A setting that cannot be used; the process stops with this message."""
 
 
-def _env(name, default, kind=str):
+def _env(name, default, kind=str, low=None, high=None):
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -36,8 +35,8 @@ def _env(name, default, kind=str):
         value = kind(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
-    if kind in (int, float) and value < 0:
-        raise ConfigError(f"{name}={raw!r} must not be negative")
+    if low is not None and value < low or high is not None and value > high:
+        raise ConfigError(f"{name}={raw!r} must be from {low} to {high}")
     return value
 
 
@@ -48,13 +47,8 @@ class Settings:
     db_user: str = "saga"
     db_password: str = field(default="saga", repr=False)
     db_name: str = "saga_db"
-    orchestrator_port: int = 5000
-    service_a_port: int = 5001
-    service_b_port: int = 5002
-    service_c_port: int = 5003
-    service_a_url: str = "http://127.0.0.1:5001"
-    service_b_url: str = "http://127.0.0.1:5002"
-    service_c_url: str = "http://127.0.0.1:5003"
+    ports: dict = field(default_factory=dict)          # "orchestrator", "A", "B", "C" -> port
+    service_urls: dict = field(default_factory=dict)   # "A", "B", "C" -> base URL
     connect_timeout: float = 1.0
     read_timeout: float = 5.0
     max_attempts: int = 3
@@ -62,122 +56,194 @@ class Settings:
     start_wait: float = 30.0
     faults: str = "seed"
     api_token: str | None = field(default=None, repr=False)
-    # Beyond DESIGN.md's contract: recovery and server tuning, documented in the README.
+    transport: str = "http"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    # Beyond the interface contract: recovery, retention and server tuning (README).
     lease_seconds: float = 2.0
     recovery_interval: float = 0.5
     backoff_base: float = 0.1
     backoff_max: float = 2.0
+    retention_days: float = 0.0
     web_workers: int = 1
-    web_threads: int = 16
-    db_pool_size: int = 20
+    web_threads: int = 32
     drivers: int = 32
+    db_pool_size: int = 0                               # 0: sized from the thread counts
 
 
-def load_settings():
+def load_settings() -> Settings:
+    ports = {"orchestrator": _env("ORCHESTRATOR_PORT", 5000, int, 1, 65535)}
+    urls = {}
+    for n, letter in enumerate(SERVICES, start=1):
+        ports[letter] = _env(f"SERVICE_{letter}_PORT", 5000 + n, int, 1, 65535)
+        urls[letter] = _env(f"SERVICE_{letter}_URL", f"http://127.0.0.1:{5000 + n}").rstrip("/")
     s = Settings(
         db_host=_env("SAGA_DB_HOST", "127.0.0.1"),
-        db_port=_env("SAGA_DB_PORT", 3306, int),
+        db_port=_env("SAGA_DB_PORT", 3306, int, 1, 65535),
         db_user=_env("SAGA_DB_USER", "saga"),
         db_password=os.environ.get("SAGA_DB_PASSWORD", "saga"),
         db_name=_env("SAGA_DB_NAME", "saga_db"),
-        orchestrator_port=_env("ORCHESTRATOR_PORT", 5000, int),
-        service_a_port=_env("SERVICE_A_PORT", 5001, int),
-        service_b_port=_env("SERVICE_B_PORT", 5002, int),
-        service_c_port=_env("SERVICE_C_PORT", 5003, int),
-        service_a_url=_env("SERVICE_A_URL", "http://127.0.0.1:5001").rstrip("/"),
-        service_b_url=_env("SERVICE_B_URL", "http://127.0.0.1:5002").rstrip("/"),
-        service_c_url=_env("SERVICE_C_URL", "http://127.0.0.1:5003").rstrip("/"),
-        connect_timeout=_env("SAGA_CONNECT_TIMEOUT", 1.0, float),
-        read_timeout=_env("SAGA_READ_TIMEOUT", 5.0, float),
-        max_attempts=_env("SAGA_MAX_ATTEMPTS", 3, int),
-        compensate_for=_env("SAGA_COMPENSATE_FOR", 60.0, float),
-        start_wait=_env("SAGA_START_WAIT", 30.0, float),
+        ports=ports,
+        service_urls=urls,
+        connect_timeout=_env("SAGA_CONNECT_TIMEOUT", 1.0, float, 0.01, 600),
+        read_timeout=_env("SAGA_READ_TIMEOUT", 5.0, float, 0.01, 3600),
+        max_attempts=_env("SAGA_MAX_ATTEMPTS", 3, int, 1, 1000),
+        compensate_for=_env("SAGA_COMPENSATE_FOR", 60.0, float, 0, 10 ** 7),
+        start_wait=_env("SAGA_START_WAIT", 30.0, float, 0, 3600),
         faults=_env("SAGA_FAULTS", "seed"),
         api_token=os.environ.get("SAGA_API_TOKEN") or None,
-        lease_seconds=_env("SAGA_LEASE_SECONDS", 2.0, float),
-        recovery_interval=_env("SAGA_RECOVERY_INTERVAL", 0.5, float),
-        backoff_base=_env("SAGA_BACKOFF_BASE", 0.1, float),
-        backoff_max=_env("SAGA_BACKOFF_MAX", 2.0, float),
-        web_workers=_env("SAGA_WEB_WORKERS", 1, int),
-        web_threads=_env("SAGA_WEB_THREADS", 16, int),
-        db_pool_size=_env("SAGA_DB_POOL_SIZE", 20, int),
-        drivers=_env("SAGA_DRIVERS", 32, int),
+        transport=_env("SAGA_TRANSPORT", "http"),
+        kafka_bootstrap=_env("KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+        rabbitmq_url=_env("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
+        lease_seconds=_env("SAGA_LEASE_SECONDS", 2.0, float, 0.1, 3600),
+        recovery_interval=_env("SAGA_RECOVERY_INTERVAL", 0.5, float, 0.01, 3600),
+        backoff_base=_env("SAGA_BACKOFF_BASE", 0.1, float, 0, 3600),
+        backoff_max=_env("SAGA_BACKOFF_MAX", 2.0, float, 0, 3600),
+        retention_days=_env("SAGA_RETENTION_DAYS", 0.0, float, 0, 100_000),
+        web_workers=_env("SAGA_WEB_WORKERS", 1, int, 1, 64),
+        web_threads=_env("SAGA_WEB_THREADS", 32, int, 2, 1000),
+        drivers=_env("SAGA_DRIVERS", 32, int, 1, 1000),
+        db_pool_size=_env("SAGA_DB_POOL_SIZE", 0, int, 0, 1000),
     )
-    if s.max_attempts < 1:
-        raise ConfigError("SAGA_MAX_ATTEMPTS must be at least 1")
     if s.faults not in ("seed", "off"):
         raise ConfigError(f"SAGA_FAULTS={s.faults!r}: expected 'seed' or 'off'")
-    if not 1 <= s.db_pool_size <= 200:
-        raise ConfigError("SAGA_DB_POOL_SIZE must be 1..200")
+    if s.transport not in ("http", "kafka"):
+        raise ConfigError(f"SAGA_TRANSPORT={s.transport!r}: expected 'http' or 'kafka'")
     return s
 
 
-def backoff_delay(settings, attempt):
-    """Seconds to wait before attempt `attempt + 1`: exponential, capped, with jitter so
-    that sagas failing together do not retry together."""
-    ceiling = min(settings.backoff_max, settings.backoff_base * 2 ** (attempt - 1))
+def backoff_delay(base: float, cap: float, attempt: int) -> float:
+    """Seconds to wait after failed attempt `attempt` (1, 2, ...): the ceiling doubles
+    with each attempt up to `cap`, and the delay is drawn from its upper half, so sagas
+    that failed together do not all retry together."""
+    ceiling = min(cap, base * 2 ** (attempt - 1))
     return random.uniform(ceiling / 2, ceiling)
 
 
-# --- database -----------------------------------------------------------------------
+def purge_interval(retention_days: float) -> float:
+    """Seconds between retention passes: a minute, or less for a very short retention."""
+    return min(60.0, max(0.5, retention_days * 86400 / 10))
 
-# Errors that mean "the database could not be reached or gave up on us", as opposed to
-# a bug in our SQL: callers answer 503 and the caller of the caller retries.
-UNAVAILABLE_ERRNOS = {
+
+# --- the database server ---------------------------------------------------------------
+
+# FOR UPDATE SKIP LOCKED, which recovery needs, arrived in these versions.
+MINIMUM_SERVER = {"MariaDB": (10, 6), "MySQL": (8, 0, 1)}
+
+
+class UnsupportedServer(RuntimeError):
+    pass
+
+
+def check_server_version(info: str) -> None:
+    """Raise UnsupportedServer unless the server string names a version recent enough."""
+    kind = "MariaDB" if "mariadb" in info.lower() else "MySQL"
+    # MariaDB may present itself as "5.5.5-10.11.6-MariaDB" to old clients.
+    numbers = re.findall(r"(\d+)\.(\d+)\.(\d+)", info.replace("5.5.5-", "", 1))
+    found = tuple(int(n) for n in numbers[0]) if numbers else (0,)
+    if found < MINIMUM_SERVER[kind]:
+        need = " or ".join(f"{k} {'.'.join(map(str, v))}" for k, v in MINIMUM_SERVER.items())
+        raise UnsupportedServer(
+            f"database server {kind} {'.'.join(map(str, found))} ({info}) is too old: the "
+            f"saga engine needs FOR UPDATE SKIP LOCKED, which needs {need} or newer")
+
+
+# Errors that mean "the database could not be reached or gave up on this transaction",
+# as opposed to a bug in our SQL: the transaction did not commit, and trying it again
+# (now, or by the caller after a 503) is the right answer.
+TRANSIENT_ERRNOS = {
     errorcode.CR_CONNECTION_ERROR, errorcode.CR_CONN_HOST_ERROR,
     errorcode.CR_SERVER_GONE_ERROR, errorcode.CR_SERVER_LOST,
     errorcode.ER_LOCK_DEADLOCK, errorcode.ER_LOCK_WAIT_TIMEOUT,
     errorcode.ER_SERVER_SHUTDOWN, errorcode.ER_CON_COUNT_ERROR,
+    errorcode.ER_QUERY_INTERRUPTED, 1927,  # 1927: MariaDB's "connection was killed"
 }
-
-
 LOCK_ERRNOS = {errorcode.ER_LOCK_DEADLOCK, errorcode.ER_LOCK_WAIT_TIMEOUT}
 
 
-def is_unavailable(exc):
-    # mysql-connector may wrap a lost connection in a ProgrammingError: look at causes too.
+def is_unavailable(exc: BaseException | None) -> bool:
+    """True for a database error worth retrying (lost connection, deadlock, pool
+    exhausted, ...). mysql-connector may wrap a lost connection in another error, so the
+    causes are looked at too."""
     while exc is not None:
         if isinstance(exc, (mysql.connector.errors.InterfaceError,
                             mysql.connector.errors.OperationalError,
-                            mysql.connector.errors.PoolError)):
+                            mysql.connector.errors.PoolError, UnsupportedServer)):
             return True
-        if isinstance(exc, mysql.connector.Error) and exc.errno in UNAVAILABLE_ERRNOS:
+        if isinstance(exc, mysql.connector.Error) and exc.errno in TRANSIENT_ERRNOS:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
 
 
-class Database:
-    """A small pool of connections, each kept with one cursor. Not mysql-connector's own
-    pool: that pings every connection it hands out while holding a lock global to the
-    process, and each new cursor pings again. Here each checkout pings once, outside any
-    lock, and reconnects a dead connection, so a restarted server costs no failed
-    request; the semaphore makes a busy pool wait instead of raising."""
+class CommitUnknown(mysql.connector.errors.OperationalError):
+    """The connection broke while COMMIT was on its way: the transaction may or may not
+    have committed. Only work that can tell (or does not care) may be run again."""
 
-    def __init__(self, settings):
+
+T = TypeVar("T")
+
+
+class Database:
+    """A pool of connections, each kept with one buffered dictionary cursor (rows are
+    read by column name). Not mysql-connector's own pool: that pings every connection it
+    hands out under a process-wide lock, and each new cursor pings again. Here a
+    connection idle for less than PING_AFTER seconds is used without a ping; if it turns
+    out dead, `run` retries the work on a fresh one (nothing was committed)."""
+
+    PING_AFTER = 2.0
+
+    def __init__(self, settings: Settings, pool_size: int):
         self._settings = settings
-        self._slots = threading.BoundedSemaphore(settings.db_pool_size)
-        self._idle = []  # (connection, cursor), most recently used last
+        self.pool_size = settings.db_pool_size or pool_size
+        self._slots = threading.BoundedSemaphore(self.pool_size)
+        self._idle = []  # (connection, cursor, last used), most recently used last
         self._lock = threading.Lock()
+        self._version_checked = False
 
     def _connect(self):
         s = self._settings
         conn = mysql.connector.connect(
             host=s.db_host, port=s.db_port, user=s.db_user, password=s.db_password,
             database=s.db_name, charset="utf8mb4", collation="utf8mb4_unicode_ci",
-            # Pure Python: the same behaviour everywhere (the C extension raises its own
-            # unwrapped errors from commit, and cannot load beside Debian 12's OpenSSL).
+            # Pure Python: the C extension raises its own unwrapped errors from commit and
+            # cannot load beside Debian 12's OpenSSL.
             autocommit=False, connection_timeout=5, use_pure=True,
+            # Every time the engine stores or compares is UTC: a lease must not stretch
+            # or vanish when the server's local clock changes for daylight saving.
+            init_command="SET time_zone = '+00:00'",
             # UPDATE's rowcount counts matched rows, which the fencing check needs.
             client_flags=[ClientFlag.FOUND_ROWS])
-        return conn, conn.cursor(buffered=True)
+        if not self._version_checked:
+            try:
+                check_server_version(conn.server_info or "")
+            except UnsupportedServer:
+                _close_quietly(conn)
+                raise
+            self._version_checked = True
+        return conn, conn.cursor(buffered=True, dictionary=True)
+
+    def check_server(self) -> bool:
+        """Connect once: True if the server is up, False if it cannot be reached now;
+        UnsupportedServer (which stops the process) if it is too old."""
+        try:
+            with self.transaction() as cur:
+                cur.execute("SELECT 1 AS up")
+            return True
+        except UnsupportedServer:
+            raise
+        except mysql.connector.Error as exc:
+            log.warning("database not reachable yet: %s", exc)
+            return False
 
     def _checkout(self):
         with self._lock:
             item = self._idle.pop() if self._idle else None
         if item is None:
             return self._connect()
-        conn, cur = item
+        conn, cur, last_used = item
+        if time.monotonic() - last_used < self.PING_AFTER:
+            return conn, cur
         try:
             conn.ping(reconnect=False)
             return conn, cur
@@ -188,7 +254,8 @@ class Database:
     @contextmanager
     def _checked_out(self):
         if not self._slots.acquire(timeout=10):
-            raise mysql.connector.errors.PoolError("no database connection free for 10 s")
+            raise mysql.connector.errors.PoolError(
+                f"all {self.pool_size} database connections busy for 10 s")
         try:
             conn, cur = self._checkout()
             healthy = False
@@ -201,39 +268,66 @@ class Database:
             finally:
                 if healthy:
                     with self._lock:
-                        self._idle.append((conn, cur))
+                        self._idle.append((conn, cur, time.monotonic()))
                 else:
                     # The server went away: the idle connections are most likely dead
-                    # too, so drop them all rather than ping each in turn.
+                    # too, so drop them all rather than find out one by one.
                     with self._lock:
                         dead, self._idle = self._idle, []
-                    for other, _ in dead + [(conn, None)]:
+                    for other, _, _ in dead + [(conn, None, None)]:
                         _close_quietly(other)
         finally:
             self._slots.release()
 
     @contextmanager
-    def transaction(self, read_committed=False):
+    def transaction(self, read_committed: bool = False):
+        """One transaction: committed when the block ends, rolled back if it raises.
+        A connection lost during COMMIT raises CommitUnknown."""
         with self._checked_out() as (conn, cur):
             try:
                 if read_committed:  # applies to this transaction only
                     cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                 yield cur
-                conn.commit()
             except BaseException:
                 try:
                     conn.rollback()
                 except mysql.connector.Error:
                     pass
                 raise
+            try:
+                conn.commit()
+            except mysql.connector.Error as exc:
+                if is_unavailable(exc) and exc.errno not in LOCK_ERRNOS:
+                    raise CommitUnknown(msg=f"connection lost during COMMIT: {exc}") from exc
+                raise
 
-    def ping(self):
+    def run(self, work: Callable, *, attempts: int = 4, idempotent: bool = False,
+            read_committed: bool = False) -> T:
+        """work(cursor) in a transaction, run again (up to `attempts` times, with a short
+        backoff) when the database gave up on it before it committed: a deadlock, a lock
+        wait timeout, a connection that died. A commit whose outcome is unknown is run
+        again only for `idempotent` work, which must find out for itself what landed."""
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.transaction(read_committed) as cur:
+                    return work(cur)
+            except CommitUnknown:
+                if not idempotent or attempt == attempts:
+                    raise
+            except mysql.connector.Error as exc:
+                if not is_unavailable(exc) or attempt == attempts:
+                    raise
+            time.sleep(backoff_delay(0.01, 0.2, attempt))
+        raise AssertionError("unreachable")
+
+    def ping(self) -> bool:
         try:
             with self.transaction() as cur:
-                cur.execute("SELECT 1")
-                cur.fetchall()
+                cur.execute("SELECT 1 AS up")
             return True
         except mysql.connector.Error:
+            return False
+        except UnsupportedServer:
             return False
 
 
@@ -242,270 +336,3 @@ def _close_quietly(conn):
         conn.close()
     except Exception:  # closing a dead connection may fail in any way; it is gone anyway
         pass
-
-
-# --- HTTP helpers ---------------------------------------------------------------------
-
-MAX_BODY_BYTES = 64 * 1024
-
-
-def error(http_status, message, field=None, **extra):
-    body = {"error": message}
-    if field is not None:
-        body["field"] = field
-    body.update(extra)
-    return jsonify(body), http_status
-
-
-class BadRequest(Exception):
-    """A client error found while reading a request: becomes a 4xx JSON answer."""
-
-    def __init__(self, message, field=None, status=400):
-        super().__init__(message)
-        self.message, self.field, self.status = message, field, status
-
-
-def json_object():
-    """The request body as a dict, or BadRequest naming what is wrong with it."""
-    mimetype = request.mimetype or ""
-    if mimetype != "application/json":
-        raise BadRequest(f"Content-Type must be application/json, not {mimetype or 'missing'}",
-                         status=415)
-    raw = request.get_data(cache=True)
-    try:
-        body = json.loads(raw)
-    except RecursionError:
-        raise BadRequest("request body is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, not {type(body).__name__}")
-    return body
-
-
-def text_field(body, name, max_length=255):
-    """A required, non-empty string field of at most `max_length` characters."""
-    if name not in body or body[name] is None:
-        raise BadRequest(f"{name} is required", name)
-    value = body[name]
-    if not isinstance(value, str):
-        raise BadRequest(f"{name} must be a string, not {json_type(value)}", name)
-    if not value.strip():
-        raise BadRequest(f"{name} must not be empty", name)
-    if len(value) > max_length:
-        raise BadRequest(f"{name} must be at most {max_length} characters, got {len(value)}", name)
-    if "\x00" in value:
-        raise BadRequest(f"{name} must not contain NUL characters", name)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest(f"{name} must be valid Unicode text (no lone surrogates)", name) from None
-    return value
-
-
-SAGA_ID = re.compile(r"[A-Za-z0-9_-]{1,36}")
-
-
-def saga_id_field(body):
-    value = text_field(body, "saga_id", 36)
-    if not SAGA_ID.fullmatch(value):
-        raise BadRequest("saga_id must be 1 to 36 letters, digits, '-' or '_'", "saga_id")
-    return value
-
-
-def int_field(body, name):
-    value = body.get(name)
-    if value is None:
-        raise BadRequest(f"{name} is required", name)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{name} must be an integer, not {json_type(value)}", name)
-    if not 0 < value < 2 ** 31:
-        raise BadRequest(f"{name} must be a positive 32-bit integer", name)
-    return value
-
-
-def reject_unknown_fields(body, allowed):
-    for name in body:
-        if name not in allowed:
-            raise BadRequest(f"unknown field {name!r}; expected {', '.join(sorted(allowed))}", name)
-
-
-def json_type(value):
-    return {dict: "object", list: "array", str: "string", bool: "boolean",
-            int: "number", float: "number", type(None): "null"}[type(value)]
-
-
-def token_ok(settings):
-    """True when no token is configured or the request carries the right one."""
-    if not settings.api_token:
-        return True
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode(), settings.api_token.encode())
-
-
-def install_error_handlers(app):
-    """Every error leaves as JSON; database outages are 503 so callers retry."""
-
-    @app.errorhandler(BadRequest)
-    def _bad_request(exc):
-        return error(exc.status, exc.message, exc.field)
-
-    @app.errorhandler(HTTPException)
-    def _http(exc):
-        if exc.code == 413:
-            return error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-        resp, code = error(exc.code, exc.description or exc.name)
-        for name, value in exc.get_headers():  # e.g. Allow on a 405
-            if name.lower() != "content-type":
-                resp.headers[name] = value
-        return resp, code
-
-    @app.errorhandler(mysql.connector.Error)
-    def _database(exc):
-        if is_unavailable(exc):
-            log.warning("database unavailable: %s", exc)
-            return error(503, "database unavailable, try again", detail=str(exc.msg or exc))
-        log.exception("database error")
-        return error(500, "internal database error")
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc):
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return error(500, "internal error")
-
-
-# --- fault injection ------------------------------------------------------------------
-
-FAULT_MODES = ("off", "fail", "reject", "drop", "crash", "hang", "slow")
-FAULT_TARGETS = ("invoke", "compensate", "both")
-SEED_FAULTS = {"A": {"mode": "fail", "every": 2}, "B": {"mode": "crash", "every": 2}}
-
-
-def parse_fault(body):
-    """Validate a fault setting; returns the normalized dict or raises BadRequest."""
-    if not isinstance(body, dict):
-        raise BadRequest("fault setting must be a JSON object")
-    reject_unknown_fields(body, {"mode", "every", "rate", "next", "seconds", "on"})
-    mode = body.get("mode", "off")
-    if mode not in FAULT_MODES:
-        raise BadRequest(f"mode must be one of {', '.join(FAULT_MODES)}", "mode")
-    on = body.get("on", "invoke")
-    if on not in FAULT_TARGETS:
-        raise BadRequest(f"on must be one of {', '.join(FAULT_TARGETS)}", "on")
-    triggers = [k for k in ("every", "rate", "next") if body.get(k) is not None]
-    if len(triggers) > 1:
-        raise BadRequest("give at most one of every, rate, next", triggers[1])
-    fault = {"mode": mode, "on": on}
-    if "rate" in triggers:
-        rate = body["rate"]
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
-            raise BadRequest("rate must be a number from 0 to 1", "rate")
-        fault["rate"] = float(rate)
-    elif "next" in triggers:
-        fault["next"] = _positive_int(body, "next", allow_zero=True)
-    else:
-        fault["every"] = _positive_int(body, "every") if "every" in triggers else 1
-    seconds = body.get("seconds")
-    if seconds is not None:
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 300:
-            raise BadRequest("seconds must be a number from 0 to 300", "seconds")
-        fault["seconds"] = float(seconds)
-    return fault
-
-
-def _positive_int(body, name, allow_zero=False):
-    value = body[name]
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 1_000_000:
-        raise BadRequest(f"{name} must be an integer from {low} to 1000000", name)
-    return value
-
-
-class FaultStore:
-    """The fault setting and its call counter, in memory shared by a server's master and
-    its workers: a worker that crashes on purpose is replaced by one that keeps counting
-    (so 'every 2nd call' stays true) and keeps what was set at run time."""
-
-    SIZE = 4096
-
-    def __init__(self, initial):
-        self._lock = multiprocessing.Lock()
-        self._mem = mmap.mmap(-1, self.SIZE)
-        self._write({"fault": initial, "calls": 0})
-
-    def _read(self):
-        length = int.from_bytes(self._mem[:4], "big")
-        return json.loads(self._mem[4:4 + length])
-
-    def _write(self, state):
-        data = json.dumps(state).encode()
-        self._mem[:4 + len(data)] = len(data).to_bytes(4, "big") + data
-
-    def get(self):
-        with self._lock:
-            return self._read()
-
-    def set(self, fault):
-        with self._lock:
-            self._write({"fault": fault, "calls": 0})
-
-    def next_fault(self, action):
-        """Count this call and return the fault mode to apply to it ('off' for none)."""
-        with self._lock:
-            state = self._read()
-            fault = state["fault"]
-            if fault["mode"] == "off" or fault["on"] not in (action, "both"):
-                return "off", fault
-            state["calls"] += 1
-            if "rate" in fault:
-                hit = random.random() < fault["rate"]
-            elif "next" in fault:
-                hit = fault["next"] > 0
-                if hit:
-                    fault["next"] -= 1
-            else:
-                hit = state["calls"] % fault["every"] == 0
-            self._write(state)
-            return (fault["mode"] if hit else "off"), fault
-
-
-def initial_fault(settings, service):
-    if settings.faults == "seed" and service in SEED_FAULTS:
-        return parse_fault(SEED_FAULTS[service])
-    return parse_fault({"mode": "off"})
-
-
-# --- serving ----------------------------------------------------------------------------
-
-def serve(app_factory, port, settings, name, preload=False):
-    """Run an app under gunicorn: a production server whose master replaces a worker
-    that dies (the 'crash after commit' fault) while the listening socket stays open.
-    With `preload` the app is built once in the master, so a replacement worker is a
-    fork, ready at once; only for apps that start no threads and open no connections
-    when built."""
-    from gunicorn.app.base import BaseApplication
-
-    class Server(BaseApplication):
-        def load_config(self):
-            self.cfg.set("bind", f"127.0.0.1:{port}")
-            self.cfg.set("worker_class", "gthread")
-            self.cfg.set("workers", settings.web_workers)
-            self.cfg.set("threads", settings.web_threads)
-            self.cfg.set("keepalive", 30)
-            self.cfg.set("graceful_timeout", 3)
-            self.cfg.set("timeout", 60)
-            self.cfg.set("proc_name", name)
-            self.cfg.set("control_socket_disable", True)  # one shared default path
-            self.cfg.set("preload_app", preload)
-            self.cfg.set("errorlog", "-")
-            self.cfg.set("loglevel", "info")
-
-        def load(self):
-            return app_factory()
-
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s {name} %(levelname)s %(message)s")
-    logging.getLogger("mysql.connector").setLevel(logging.WARNING)
-    Server().run()

@@ -1,11 +1,14 @@
-"""The orchestrator's API, described as OpenAPI 3 and served at GET /openapi.json.
+"""The orchestrator's API, described as OpenAPI 3 and served at GET /openapi.json. Its
+enums and request bodies come from the constants and saga definitions they describe.
 tests/test_openapi.py validates real responses against it and fuzzes it."""
 
-STATUSES = ["RUNNING", "COMPLETED", "COMPENSATING", "COMPENSATED", "FAILED"]
-# Non-empty, not only whitespace, no NUL: the same rule as common.text_field.
-TEXT = {"type": "string", "minLength": 1, "maxLength": 255,
-        "pattern": "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$"}
+from common import SERVICES
+from faults import FAULT_MODES, FAULT_TARGETS
+from saga.definitions import REGISTRATION, SAGA_TYPES, TRANSFER
+from saga.model import ACTIONS, MODES, STATES, TRANSPORTS
+
 NULLABLE_TEXT = {"type": ["string", "null"]}
+STEP_NAMES = sorted({step.name for t in SAGA_TYPES.values() for step in t.steps})
 
 
 def ref(name):
@@ -13,46 +16,74 @@ def ref(name):
 
 
 def json_body(schema, description=""):
-    return {"description": description or "JSON", "content": {"application/json": {"schema": schema}}}
+    return {"description": description or "JSON",
+            "content": {"application/json": {"schema": schema}}}
 
 
 ERROR = json_body(ref("Error"), "an error naming the problem (and the field, if one)")
 SAGA_ID = {"name": "saga_id", "in": "path", "required": True, "schema": {"type": "string"}}
+IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
+                   "description": "1-255 visible ASCII characters; a repeat with the same "
+                                  "key and body answers about the first request's saga",
+                   "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"}}
 
 
 def answers(**codes):
-    return {str(code): (ERROR if schema == "error" else json_body(ref(schema), text))
-            for code, (schema, text) in ((c.lstrip("_"), v) for c, v in codes.items())}
+    return {code.lstrip("_"): (ERROR if schema == "error" else json_body(ref(schema), text))
+            for code, (schema, text) in codes.items()}
 
 
 OUTCOME = dict(
     _200=("SagaAnswer", "COMPLETED: every step committed"),
     _202=("SagaAnswer", "still running after SAGA_START_WAIT; it finishes in the background"),
-    _409=("SagaAnswer", "COMPENSATED because a service rejected a step"),
+    _409=("SagaAnswer", "COMPENSATED because a service refused a step"),
     _502=("SagaAnswer", "COMPENSATED or FAILED because a service kept failing"),
+    _400=("error", ""), _413=("error", ""), _415=("error", ""),
+    _422=("error", "the Idempotency-Key was used for another request"), _503=("error", ""),
 )
-BAD_INPUT = dict(_400=("error", ""), _413=("error", ""), _415=("error", ""), _503=("error", ""))
 
-START = {
-    "summary": "Run a registration saga and wait for its outcome",
-    "requestBody": {"required": True, "content": {"application/json": {"schema": ref("StartRequest")}}},
-    "responses": answers(**OUTCOME, **BAD_INPUT),
-}
+
+def input_schema(saga_type):
+    required = [f.name for f in saga_type.fields]
+    if saga_type is TRANSFER:  # from and to default to A and B, as in the seed
+        required = ["amount"]
+    return {"type": "object", "additionalProperties": False, "required": required,
+            "properties": {f.name: f.schema for f in saga_type.fields}}
+
+
+def start(saga_type, operation_id, summary=None):
+    return {"summary": summary or saga_type.summary, "operationId": operation_id,
+            "parameters": [IDEMPOTENCY_KEY],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": ref(f"{saga_type.name.capitalize()}Input")}}},
+            "responses": answers(**OUTCOME)}
+
 
 OPERATOR = {"security": [{}, {"bearer": []}]}
+SAGA_TYPE_NAMES = list(SAGA_TYPES)
 
 SPEC = {
     "openapi": "3.1.0",
-    "info": {"title": "Saga orchestrator", "version": "1.0.0",
-             "description": "Runs A -> B -> C as a saga with compensation; see README.md."},
+    "info": {"title": "Saga orchestrator", "version": "2.0.0",
+             "description": "Runs sagas (registration A -> B -> C, money transfer) with "
+                            "compensation; see README.md."},
     "paths": {
-        "/start": {"post": {**START, "operationId": "start"}},
-        "/sagas/start": {"post": {**START, "operationId": "startAlias",
-                                  "summary": "Seed 004's path for /start"}},
+        "/start": {"post": start(REGISTRATION, "start")},
+        "/sagas/start": {"post": {
+            **start(REGISTRATION, "startAny", "Start a saga of any type: the registration "
+                    "body, or a saga type's fields with saga_type naming it"),
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "oneOf": [ref("RegistrationInput"), {
+                    "type": "object", "required": ["saga_type"],
+                    "properties": {"saga_type": {"enum": SAGA_TYPE_NAMES}}}]}}}}}},
+        "/transfer": {"post": start(TRANSFER, "transfer")},
         "/sagas": {"get": {
             "summary": "List sagas, newest first",
             "parameters": [
-                {"name": "status", "in": "query", "schema": {"type": "string", "enum": STATUSES}},
+                {"name": "status", "in": "query", "schema": {"type": "string", "enum": list(STATES)}},
+                {"name": "type", "in": "query", "schema": {"type": "string", "enum": SAGA_TYPE_NAMES}},
+                {"name": "mode", "in": "query", "schema": {"type": "string", "enum": list(MODES)}},
+                {"name": "label", "in": "query", "schema": {"type": "string"}},
                 {"name": "username", "in": "query", "schema": {"type": "string"}},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
                 {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 10000000}},
@@ -63,16 +94,18 @@ SPEC = {
         "/sagas/{saga_id}": {"get": {
             "summary": "One saga with its input, step outcomes and SAGA_LOG rows",
             "parameters": [SAGA_ID],
-            "responses": answers(_200=("SagaDetail", "the saga"), _404=("error", ""), _503=("error", "")),
+            "responses": answers(_200=("SagaDetail", "the saga"), _404=("error", ""),
+                                 _503=("error", "")),
         }},
         "/sagas/{saga_id}/status": {"get": {
-            "summary": "Seed 004's status path",
+            "summary": "One saga's state, without its log",
             "parameters": [SAGA_ID],
             "responses": answers(_200=("SagaItem", "the saga's state"), _404=("error", ""),
                                  _503=("error", "")),
         }},
         "/sagas/{saga_id}/compensate": {"post": {
-            "summary": "Undo a saga in reverse order (no-op for a compensated one)",
+            "summary": "Undo a saga in reverse order (no-op for a compensated one; refused "
+                       "for one past its point of no return)",
             "parameters": [SAGA_ID], **OPERATOR,
             "responses": answers(_200=("SagaAnswer", "compensated (or already was)"),
                                  _202=("SagaAnswer", "compensation still running"),
@@ -82,105 +115,132 @@ SPEC = {
         "/sagas/{saga_id}/retry": {"post": {
             "summary": "Re-drive a FAILED saga's compensation, or a stuck saga",
             "parameters": [SAGA_ID], **OPERATOR,
-            "responses": answers(_200=("SagaAnswer", "finished"), _202=("SagaAnswer", "still running"),
+            "responses": answers(_200=("SagaAnswer", "finished"),
+                                 _202=("SagaAnswer", "still running"),
                                  _401=("error", ""), _404=("error", ""), _409=("error", ""),
                                  _503=("error", "")),
         }},
         "/log": {"get": {
-            "summary": "Tail SAGA_LOG: the newest rows, or the rows after an id",
+            "summary": "Tail SAGA_LOG: the newest rows, then pass back `cursor` for the "
+                       "rows after them (rows that commit late are included)",
             "parameters": [
+                {"name": "cursor", "in": "query", "schema": {"type": "string"}},
                 {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0,
                                                               "maximum": 2 ** 62}},
-                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                              "maximum": 1000}},
             ],
-            "responses": answers(_200=("LogList", "log rows, oldest first"), _400=("error", ""),
-                                 _503=("error", "")),
+            "responses": answers(_200=("LogList", "log rows, oldest first"),
+                                 _400=("error", ""), _503=("error", "")),
         }},
+        "/accounts": {"get": {
+            "summary": "Each service's account balance, read from the service, and the total",
+            "responses": answers(_200=("Accounts", "every balance"),
+                                 _503=("Accounts", "a service could not be read"))}},
         "/faults": {"get": {
             "summary": "Each service's failure-simulation setting",
-            "responses": {"200": json_body({"type": "object", "additionalProperties": {"type": "object"}})},
+            "responses": {"200": json_body({"type": "object",
+                                            "additionalProperties": {"type": "object"}})},
         }},
         "/faults/{service}": {"put": {
             "summary": "Change one service's failure simulation",
             "parameters": [{"name": "service", "in": "path", "required": True,
                             "schema": {"type": "string"}}], **OPERATOR,
-            "requestBody": {"required": True, "content": {"application/json": {"schema": ref("Fault")}}},
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": ref("Fault")}}},
             "responses": answers(_200=("FaultState", "the new setting"), _400=("error", ""),
                                  _401=("error", ""), _404=("error", ""), _413=("error", ""),
                                  _415=("error", ""), _502=("error", "")),
         }},
         "/health": {"get": {
             "summary": "This process and its database (add ?all=1 for the services)",
-            "responses": answers(_200=("Health", "can serve"), _503=("Health", "database down")),
+            "responses": answers(_200=("Health", "can serve"),
+                                 _503=("Health", "database down")),
         }},
         "/openapi.json": {"get": {"summary": "This document", "responses": {
             "200": json_body({"type": "object"})}}},
         "/": {"get": {"summary": "ui.html, the live monitor", "responses": {
-            "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+            "200": {"description": "HTML",
+                    "content": {"text/html": {"schema": {"type": "string"}}}}}}},
     },
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                        "description": "SAGA_API_TOKEN, when it is set"}},
         "schemas": {
-            "StartRequest": {"type": "object", "additionalProperties": False,
-                             "required": ["username", "address", "payment"],
-                             "properties": {"username": TEXT, "address": TEXT, "payment": TEXT}},
+            **{f"{t.name.capitalize()}Input": input_schema(t) for t in SAGA_TYPES.values()},
             "Error": {"type": "object", "required": ["error"], "properties": {
                 "error": {"type": "string"}, "field": {"type": "string"}}},
             "SagaAnswer": {"type": "object", "required": ["saga", "status"], "properties": {
-                "saga": {"type": "string"}, "status": {"enum": STATUSES},
-                "failed_step": NULLABLE_TEXT, "reason": NULLABLE_TEXT,
-                "results": {"type": "object"}}},
+                "saga": {"type": "string"}, "type": {"enum": SAGA_TYPE_NAMES},
+                "status": {"enum": list(STATES)}, "failed_step": NULLABLE_TEXT,
+                "reason": NULLABLE_TEXT, "results": {"type": "object"},
+                "repeated": {"type": "boolean"}}},
             "SagaItem": {"type": "object", "required": [
-                "id", "status", "current_step", "attempt", "username", "created_at", "updated_at"],
+                "id", "type", "mode", "transport", "status", "current_step", "attempt",
+                "label", "input", "created_at", "updated_at"],
                 "properties": {
-                    "id": {"type": "string"}, "status": {"enum": STATUSES},
-                    "current_step": {"enum": ["A", "B", "C"]}, "attempt": {"type": "integer"},
-                    "username": {"type": "string"}, "failed_step": NULLABLE_TEXT,
+                    "id": {"type": "string"}, "type": {"enum": SAGA_TYPE_NAMES},
+                    "mode": {"enum": list(MODES)}, "transport": {"enum": list(TRANSPORTS)},
+                    "status": {"enum": list(STATES)}, "current_step": {"enum": STEP_NAMES},
+                    "attempt": {"type": "integer"}, "label": {"type": "string"},
+                    "input": {"type": "object"}, "failed_step": NULLABLE_TEXT,
                     "reason": NULLABLE_TEXT, "created_at": {"type": "string"},
                     "updated_at": {"type": "string"}}},
             "SagaList": {"type": "object", "required": ["sagas", "limit", "offset", "next_offset"],
                          "properties": {"sagas": {"type": "array", "items": ref("SagaItem")},
-                                        "limit": {"type": "integer"}, "offset": {"type": "integer"},
+                                        "limit": {"type": "integer"},
+                                        "offset": {"type": "integer"},
                                         "next_offset": {"type": ["integer", "null"]}}},
             "StepOutcome": {"type": "object", "required": ["status", "attempts"], "properties": {
                 "status": {"type": "string"}, "attempts": {"type": "integer"},
                 "http_status": {"type": ["integer", "null"]},
                 "elapsed_ms": {"type": ["integer", "null"]}, "message": NULLABLE_TEXT}},
             "SagaDetail": {"allOf": [ref("SagaItem"), {"type": "object", "required": [
-                "input", "results", "steps", "log"], "properties": {
-                "input": ref("StartRequest"), "results": {"type": "object"},
-                "rejected": {"type": "boolean"},
-                "steps": {"type": "array", "items": {"type": "object", "required": ["service"],
-                          "properties": {"service": {"type": "string"},
-                                         "invoke": ref("StepOutcome"),
-                                         "compensate": ref("StepOutcome")}}},
+                "results", "steps", "log"], "properties": {
+                "results": {"type": "object"}, "rejected": {"type": "boolean"},
+                "steps": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "service", "op", "kind"],
+                    "properties": {"name": {"type": "string"}, "service": {"enum": list(SERVICES)},
+                                   "op": {"type": "string"}, "kind": {"type": "string"},
+                                   "invoke": ref("StepOutcome"),
+                                   "compensate": ref("StepOutcome")}}},
                 "log": {"type": "array", "items": ref("LogRow")}}}]},
-            "LogRow": {"type": "object", "required": ["id", "saga_id", "service", "status", "created_at"],
+            "LogRow": {"type": "object", "required": ["id", "saga_id", "service", "status",
+                                                      "created_at"],
                        "properties": {
                            "id": {"type": "integer"}, "saga_id": {"type": "string"},
                            "service": {"type": "string"}, "status": {"type": "string"},
                            "message": NULLABLE_TEXT, "created_at": {"type": "string"},
-                           "step": {"type": ["integer", "null"]},
-                           "action": {"enum": ["invoke", "compensate", None]},
+                           "step": {"type": ["integer", "null"]}, "op": NULLABLE_TEXT,
+                           "action": {"enum": [*ACTIONS, "publish", None]},
+                           "event": NULLABLE_TEXT,
                            "attempt": {"type": ["integer", "null"]},
                            "http_status": {"type": ["integer", "null"]},
                            "elapsed_ms": {"type": ["integer", "null"]}}},
-            "LogList": {"type": "object", "required": ["log"], "properties": {
-                "log": {"type": "array", "items": ref("LogRow")}}},
+            "LogList": {"type": "object", "required": ["log", "cursor"], "properties": {
+                "log": {"type": "array", "items": ref("LogRow")},
+                "cursor": {"type": "string"}}},
+            "Accounts": {"type": "object", "required": ["accounts", "total"], "properties": {
+                "accounts": {"type": "array", "items": {
+                    "type": "object", "required": ["id", "service", "balance"],
+                    "properties": {"id": {"enum": list(SERVICES)},
+                                   "service": {"enum": list(SERVICES)},
+                                   "balance": NULLABLE_TEXT, "error": {"type": "string"}}}},
+                "total": NULLABLE_TEXT}},
             "Fault": {"type": "object", "additionalProperties": False, "properties": {
-                "mode": {"enum": ["off", "fail", "reject", "drop", "crash", "hang", "slow"]},
+                "mode": {"enum": list(FAULT_MODES)},
                 "every": {"type": "integer", "minimum": 1, "maximum": 1000000},
                 "rate": {"type": "number", "minimum": 0, "maximum": 1},
                 "next": {"type": "integer", "minimum": 0, "maximum": 1000000},
                 "seconds": {"type": "number", "minimum": 0, "maximum": 300},
-                "on": {"enum": ["invoke", "compensate", "both"]}}},
+                "on": {"enum": list(FAULT_TARGETS)}}},
             "FaultState": {"type": "object", "required": ["fault", "calls"], "properties": {
                 "fault": {"type": "object"}, "calls": {"type": "integer"}}},
             "Health": {"type": "object", "required": ["status", "database"], "properties": {
                 "service": {"type": "string"}, "status": {"enum": ["ok", "degraded"]},
                 "database": {"enum": ["up", "down"]}, "owner": {"type": "string"},
-                "active_sagas": {"type": "integer"}, "services": {"type": "object"}}},
+                "active_sagas": {"type": "integer"}, "transport": {"type": "string"},
+                "services": {"type": "object"}}},
         },
     },
 }

@@ -1,339 +1,268 @@
-"""The orchestrator (port 5000): runs each registration as a saga A -> B -> C over HTTP,
-compensates in reverse on failure, and serves the API and ui.html."""
+"""The orchestrator (port 5000): runs each saga (a registration A -> B -> C, a money
+transfer) step by step over HTTP or Kafka, compensates in reverse on failure, and serves
+the API and ui.html."""
 
-import dataclasses
+import base64
+import binascii
+import hashlib
 import json
-import logging
 import os
-import uuid
+import threading
+import time
+from decimal import Decimal
 
 import mysql.connector
 import urllib3
-from flask import Flask, jsonify, request, send_file
+from flask import Blueprint, current_app, jsonify, request, send_file
 from werkzeug.routing import BaseConverter
 
-from common import (MAX_BODY_BYTES, SAGA_ID, BadRequest, Database, error,
-                    install_error_handlers, json_object, load_settings, parse_fault,
-                    reject_unknown_fields, serve, text_field, token_ok)
+from common import SERVICES, Database, UnsupportedServer, load_settings
+from faults import parse_fault
 from openapi import SPEC
-from saga import (ACTIVE, COMPENSATED, COMPENSATING, COMPLETED, FAILED, STATES,
-                  Engine, IllegalTransition, Step, saga_event)
+from saga.definitions import REGISTRATION, SAGA_TYPES, TRANSFER
+from saga.engine import Engine
+from saga.errors import IllegalTransition, KnownStart
+from saga.model import ACTIVE, MODES, STATES, Saga, Status, StepKind
+from saga.recovery import start_recovery
+from saga.store import iso, saga_event
+from saga.transport import HttpTransport
+from serving import new_app, require_token, serve
+from validation import (SAGA_ID, ApiError, idempotency_key, json_object,
+                        query_choice, query_int, reject_unknown_fields)
 
-log = logging.getLogger("saga")
 HERE = os.path.dirname(os.path.abspath(__file__))
-INPUT_FIELDS = ("username", "address", "payment")
+# Web threads kept free of requests that wait for a saga, so health checks, reads and
+# operator actions are answered however many clients are waiting.
+RESERVED_THREADS = 8
 
 
-def saga_steps(settings):
-    """The saga, as data: forward runs this list in order, compensation reversed."""
-    return (
-        Step("A", settings.service_a_url, lambda data, results: {
-            "username": data["username"]}),
-        Step("B", settings.service_b_url, lambda data, results: {
-            "user_id": results["A"]["user_id"], "address": data["address"]}),
-        Step("C", settings.service_c_url, lambda data, results: {
-            "user_id": results["A"]["user_id"], "payment_method": data["payment"]}),
-    )
+class Orchestrator:
+    """What the routes share: the settings, the database, the engine."""
+
+    def __init__(self, settings, start_background: bool):
+        self.settings = settings
+        self.db = Database(settings, pool_size=settings.drivers + settings.web_threads + 4)
+        self.http = HttpTransport(settings, maxsize=settings.drivers + 8)
+        transports = {"http": self.http}
+        if settings.transport == "kafka":
+            from saga.kafka_transport import KafkaTransport
+            transports["kafka"] = KafkaTransport(settings)
+        self.engine = Engine(settings, self.db, transports)
+        self.waiters = threading.BoundedSemaphore(max(1, settings.web_threads - RESERVED_THREADS))
+        if start_background:
+            self.engine.start_heartbeat()
+            start_recovery(self.engine)
+
+    def await_outcome(self, saga: Saga, future=None) -> dict:
+        """Wait up to SAGA_START_WAIT for the saga to finish and answer from what the
+        database holds: never from a state whose save failed or that another owner has
+        since overwritten. With no thread to spare for waiting, answer at once."""
+        if not self.waiters.acquire(blocking=False):
+            return self.answer_from_store(saga)
+        try:
+            deadline = time.monotonic() + self.settings.start_wait
+            if future is not None:
+                try:
+                    done = future.result(timeout=self.settings.start_wait)
+                    if done.status not in ACTIVE and done.saved_status == done.status:
+                        return answer_of(done)
+                except TimeoutError:
+                    return self.answer_from_store(saga)
+            return self.poll_outcome(saga, deadline)
+        finally:
+            self.waiters.release()
+
+    def poll_outcome(self, saga: Saga, deadline: float) -> dict:
+        """For a saga driven elsewhere (another orchestrator took it over, an operator
+        restarted it): read it until it settles or the wait is over."""
+        pause = 0.01
+        while True:
+            answer = self.answer_from_store(saga)
+            if answer["status"] not in ACTIVE or time.monotonic() + pause > deadline:
+                return answer
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
+
+    def answer_from_store(self, saga: Saga) -> dict:
+        try:
+            stored = self.engine.store.load(saga.id)
+        except (mysql.connector.Error, UnsupportedServer):
+            stored = None
+        if stored is None:  # the database is down: say only what we know was saved
+            return {"saga": saga.id, "type": saga.type.name, "status": str(saga.saved_status)}
+        return answer_of(stored)
 
 
-def start_status_code(saga):
+def answer_of(saga: Saga) -> dict:
+    body = {"saga": saga.id, "type": saga.type.name, "status": str(saga.status)}
+    if saga.status != Status.COMPLETED:
+        body.update(failed_step=saga.failed_step, reason=saga.reason)
+    if saga.results:
+        body["results"] = saga.results
+    body["_rejected"] = saga.rejected
+    return body
+
+
+def answer_code(answer: dict) -> int:
     """200 only for a completed saga; 202 still running; 409 undone because a service
     said no; 502 undone (or stuck FAILED) because a service kept failing."""
-    if saga.status in ACTIVE:
+    status = answer["status"]
+    if status in ACTIVE:
         return 202
-    if saga.status == COMPLETED:
+    if status == Status.COMPLETED:
         return 200
-    if saga.status == COMPENSATED and saga.rejected:
+    if status == Status.COMPENSATED and answer.get("_rejected"):
         return 409
     return 502
 
 
-def create_app(settings=None, start_background=True):
-    settings = settings or load_settings()
-    app = Flask("orchestrator")
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    app.json.sort_keys = False
-    app.url_map.converters["saga_id"] = SagaIdConverter
-    db = Database(settings)
-    steps = saga_steps(settings)
-    engine = Engine(settings, db, steps)
-    app.extensions["saga_engine"] = engine
-    install_error_handlers(app)
-    if start_background:
-        engine.start_background()
-
-    @app.after_request
-    def cors(resp):
-        # The UI may be opened from disk (Origin: null): allow any origin, but never
-        # with credentials, so no browser ever sends cookies along.
-        resp.headers["Access-Control-Allow-Origin"] = "*"
-        resp.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
-        resp.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, OPTIONS"
-        return resp
-
-    def require_operator():
-        if not token_ok(settings):
-            raise BadRequest("this action needs Authorization: Bearer <SAGA_API_TOKEN>", status=401)
-
-    # -- starting sagas
-
-    @app.post("/start")
-    @app.post("/sagas/start")
-    def start():
-        body = json_object()
-        reject_unknown_fields(body, set(INPUT_FIELDS))
-        data = {name: text_field(body, name) for name in INPUT_FIELDS}
-        saga = engine.store.create(str(uuid.uuid4()), data)
-        saga = as_saved(engine.drive_until(saga, settings.start_wait))
-        return jsonify(start_answer(saga)), start_status_code(saga)
-
-    def as_saved(saga):
-        """The saga as the database holds it once this request stopped driving it: never
-        a state that was not saved (the last save may have failed, or another
-        orchestrator may have taken the saga over)."""
-        if saga.saved_status in ACTIVE or saga.saved_status != saga.status:
-            try:
-                return engine.store.load(saga.id) or saga
-            except mysql.connector.Error:
-                return dataclasses.replace(saga, status=saga.saved_status)
-        return saga
-
-    # -- reading sagas
-
-    @app.get("/sagas")
-    def list_sagas():
-        status = request.args.get("status")
-        if status is not None and status not in STATES:
-            raise BadRequest(f"status must be one of {', '.join(STATES)}", "status")
-        username = request.args.get("username")
-        limit = query_int("limit", 50, 1, 500)
-        offset = query_int("offset", 0, 0, 10_000_000)
-        where, params = [], []
-        if status:
-            where.append("status = %s")
-            params.append(status)
-        if username:
-            where.append("username = %s")
-            params.append(username)
-        # Unfiltered, MariaDB would rather scan and sort than walk saga_created for a
-        # deep offset; walking the index is what keeps pages fast on a big table.
-        scope = " WHERE " + " AND ".join(where) if where else " FORCE INDEX (saga_created)"
-        sql = (f"SELECT {ITEM_COLUMNS} FROM SAGA{scope} "
-               "ORDER BY created_at DESC, id DESC LIMIT %s OFFSET %s")
-        with db.transaction() as cur:
-            cur.execute(sql, (*params, limit + 1, offset))
-            rows = cur.fetchall()
-        items = [saga_item(row, steps) for row in rows[:limit]]
-        return jsonify({"sagas": items, "limit": limit, "offset": offset,
-                        "next_offset": offset + limit if len(rows) > limit else None})
-
-    @app.get("/sagas/<saga_id:saga_id>")
-    def get_saga(saga_id):
-        check_saga_id(saga_id)
-        with db.transaction() as cur:
-            cur.execute(f"SELECT {ITEM_COLUMNS}, address, payment, results, rejected "
-                        "FROM SAGA WHERE id = %s", (saga_id,))
-            row = cur.fetchone()
-            if row is None:
-                return error(404, f"no saga with id {saga_id!r}", "saga_id")
-            cur.execute("SELECT " + LOG_COLUMNS + " FROM SAGA_LOG WHERE saga_id = %s "
-                        "ORDER BY id", (saga_id,))
-            log_rows = [log_item(r) for r in cur.fetchall()]
-        item = saga_item(row[:9], steps)
-        item["input"] = {"username": row[4], "address": row[9], "payment": row[10]}
-        item["results"] = json.loads(row[11])
-        item["rejected"] = bool(row[12])
-        item["steps"] = step_outcomes(steps, log_rows)
-        item["log"] = log_rows
-        return jsonify(item)
-
-    @app.get("/sagas/<saga_id:saga_id>/status")
-    def saga_status(saga_id):
-        check_saga_id(saga_id)
-        with db.transaction() as cur:
-            cur.execute(f"SELECT {ITEM_COLUMNS} FROM SAGA WHERE id = %s", (saga_id,))
-            row = cur.fetchone()
-        if row is None:
-            return error(404, f"no saga with id {saga_id!r}", "saga_id")
-        return jsonify(saga_item(row, steps))
-
-    @app.get("/log")
-    def log_tail():
-        """SAGA_LOG rows with id > after, oldest first (for a live tail); without
-        `after`, the newest `limit` rows."""
-        limit = query_int("limit", 100, 1, 1000)
-        after = request.args.get("after")
-        with db.transaction() as cur:
-            if after is None:
-                cur.execute(f"SELECT {LOG_COLUMNS} FROM SAGA_LOG ORDER BY id DESC LIMIT %s", (limit,))
-                rows = list(reversed(cur.fetchall()))
-            else:
-                cur.execute(f"SELECT {LOG_COLUMNS} FROM SAGA_LOG WHERE id > %s ORDER BY id LIMIT %s",
-                            (query_int("after", 0, 0, 2 ** 62), limit))
-                rows = cur.fetchall()
-        return jsonify({"log": [log_item(r) for r in rows]})
-
-    # -- operator actions
-
-    @app.post("/sagas/<saga_id:saga_id>/compensate")
-    def compensate(saga_id):
-        require_operator()
-
-        def decide(saga, lease_live):
-            if saga.status in (COMPENSATED, COMPENSATING):
-                return []
-            if saga.status == COMPLETED:
-                saga.step = len(steps) - 1
-            saga.status, saga.attempt = COMPENSATING, 1
-            saga.reason = "compensation requested by an operator"
-            return [saga_event(saga, COMPENSATING, saga.reason)]
-
-        return operator_action(saga_id, decide)
-
-    @app.post("/sagas/<saga_id:saga_id>/retry")
-    def retry(saga_id):
-        require_operator()
-
-        def decide(saga, lease_live):
-            if saga.status == FAILED:
-                saga.status, saga.attempt = COMPENSATING, 1
-                saga.reason = (saga.reason or "") + " (retried by an operator)"
-                return [saga_event(saga, COMPENSATING, "compensation retried by an operator")]
-            if saga.status in ACTIVE and not lease_live:
-                return [saga_event(saga, saga.status, "resumed by an operator")]
-            if saga.status in ACTIVE:
-                raise BadRequest(f"saga {saga.id} is {saga.status} and being driven; "
-                                 "nothing to retry", status=409)
-            raise BadRequest(f"saga {saga.id} is {saga.status}; only a FAILED or stuck "
-                             "saga can be retried", status=409)
-
-        return operator_action(saga_id, decide)
-
-    def operator_action(saga_id, decide):
-        check_saga_id(saga_id)
-        try:
-            saga, taken = engine.store.take_for_operator(saga_id, decide)
-        except IllegalTransition as exc:
-            return error(409, str(exc))
-        if saga is None:
-            return error(404, f"no saga with id {saga_id!r}", "saga_id")
-        if taken:
-            saga = as_saved(engine.drive_until(saga, settings.start_wait))
-        code = 202 if saga.status in ACTIVE else 200
-        return jsonify(start_answer(saga)), code
-
-    # -- faults, health, UI
-
-    @app.get("/faults")
-    def get_faults():
-        return jsonify({step.service: service_call(step, "GET", "/faults") for step in steps})
-
-    @app.put("/faults/<service>")
-    def put_faults(service):
-        require_operator()
-        step = next((s for s in steps if s.service == service), None)
-        if step is None:
-            return error(404, f"no service {service!r}; expected A, B or C", "service")
-        fault = parse_fault(json_object())
-        answer = service_call(step, "PUT", "/faults", fault)
-        if "error" in answer:
-            return jsonify(answer), 502
-        return jsonify(answer)
-
-    def service_call(step, method, path, body=None, timeout=None):
-        try:
-            _, payload, _ = engine.http.call(method, step.url + path, body, timeout)
-        except urllib3.exceptions.HTTPError as exc:
-            payload = None
-            problem = exc.__class__.__name__
-        else:
-            problem = "answer was not JSON"
-        if not isinstance(payload, dict):
-            return {"service": step.service, "status": "down",
-                    "error": f"service {step.service} unreachable: {problem}"}
-        return payload
-
-    @app.get("/health")
-    def health():
-        up = db.ping()
-        body = {"service": "orchestrator", "status": "ok" if up else "degraded",
-                "database": "up" if up else "down", "owner": engine.owner,
-                "active_sagas": engine.active_count()}
-        if request.args.get("all"):
-            quick = urllib3.Timeout(connect=settings.connect_timeout, read=2)
-            body["services"] = {s.service: service_call(s, "GET", "/health", timeout=quick)
-                                for s in steps}
-        return jsonify(body), 200 if up else 503
-
-    @app.get("/openapi.json")
-    def openapi():
-        return jsonify(SPEC)
-
-    @app.get("/")
-    @app.get("/ui.html")
-    def ui():
-        return send_file(os.path.join(HERE, "ui.html"), mimetype="text/html", max_age=0)
-
-    return app
+def respond(answer: dict, code: int | None = None, **extra):
+    code = code or answer_code(answer)
+    body = {k: v for k, v in answer.items() if not k.startswith("_")}
+    body.update(extra)
+    return jsonify(body), code
 
 
-# What saga_item() reads, in its order.
-ITEM_COLUMNS = "id, status, step, attempt, username, failed_step, reason, created_at, updated_at"
-LOG_COLUMNS = ("id, saga_id, service, status, message, created_at, step, action, attempt, "
-               "http_status, elapsed_ms")
+def orchestrator() -> Orchestrator:
+    return current_app.extensions["orchestrator"]
+
+
+# --- starting sagas --------------------------------------------------------------------
+
+starting = Blueprint("starting", __name__)
+
+
+def start_saga(saga_type, body: dict):
+    """Validate, create (once per Idempotency-Key) and drive a saga; answer its outcome."""
+    o = orchestrator()
+    reject_unknown_fields(body, {f.name for f in saga_type.fields})
+    data = saga_type.read_input(body)
+    key = idempotency_key()
+    request_hash = None
+    if key is not None:
+        request_hash = hashlib.sha256(json.dumps(
+            {"type": saga_type.name, "input": data}, sort_keys=True).encode()).hexdigest()
+    try:
+        saga = o.engine.create(saga_type, data, key, request_hash)
+    except KnownStart as known:
+        if not known.same_request:
+            raise ApiError("this Idempotency-Key was already used for a different request "
+                           f"(saga {known.saga_id})", "Idempotency-Key", status=422) from None
+        first = o.engine.store.load(known.saga_id)
+        if first is None:
+            raise ApiError(f"the saga of this Idempotency-Key ({known.saga_id}) was purged",
+                           "Idempotency-Key", status=422) from None
+        answer = o.poll_outcome(first, time.monotonic() + o.settings.start_wait)
+        return respond(answer, repeated=True)
+    return respond(o.await_outcome(saga, o.engine.run(saga)))
+
+
+@starting.post("/start")
+def start():
+    return start_saga(REGISTRATION, json_object())
+
+
+@starting.post("/sagas/start")
+def start_any():
+    """The registration body, or any saga type's fields with "saga_type" naming it."""
+    body = json_object()
+    name = body.pop("saga_type", REGISTRATION.name)
+    if not isinstance(name, str) or name not in SAGA_TYPES:
+        raise ApiError(f"saga_type must be one of {', '.join(SAGA_TYPES)}", "saga_type")
+    return start_saga(SAGA_TYPES[name], body)
+
+
+@starting.post("/transfer")
+def transfer():
+    return start_saga(TRANSFER, json_object())
+
+
+# --- reading sagas ----------------------------------------------------------------------
+
+reading = Blueprint("reading", __name__)
 
 
 class SagaIdConverter(BaseConverter):
-    """Any path segment but 'start', so /sagas/start stays the seed's POST alias
-    instead of also reading as the saga named 'start'."""
+    """Any path segment but 'start', so /sagas/start stays the POST alias instead of also
+    reading as the saga named 'start'."""
     regex = r"(?!start(?:/|$))[^/]+"
 
 
-def check_saga_id(saga_id):
+def check_saga_id(saga_id: str) -> None:
     """Ids are minted here as UUIDs; anything else cannot name a saga."""
     if not SAGA_ID.fullmatch(saga_id):
-        raise BadRequest(f"no saga with id {saga_id!r}", "saga_id", status=404)
+        raise ApiError(f"no saga with id {saga_id!r}", "saga_id", status=404)
 
 
-def query_int(name, default, low, high):
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer", name) from None
-    if not low <= value <= high:
-        raise BadRequest(f"{name} must be from {low} to {high}", name)
-    return value
+def no_such_saga(saga_id: str) -> ApiError:
+    return ApiError(f"no saga with id {saga_id!r}", "saga_id", status=404)
 
 
-def iso(ts):
-    return ts.isoformat(timespec="milliseconds") if ts else None
+def saga_item(row: dict) -> dict:
+    saga_type = SAGA_TYPES[row["type"]]
+    steps = saga_type.steps
+    return {"id": row["id"], "type": row["type"], "mode": row["mode"],
+            "transport": row["transport"], "status": row["status"],
+            "current_step": steps[min(row["step"], len(steps) - 1)].name,
+            "attempt": row["attempt"], "label": row["label"],
+            "input": json.loads(row["input"]), "failed_step": row["failed_step"],
+            "reason": row["reason"], "created_at": iso(row["created_at"]),
+            "updated_at": iso(row["updated_at"])}
 
 
-def saga_item(row, steps):
-    sid, status, step, attempt, username, failed_step, reason, created, updated = row
-    return {"id": sid, "status": status, "current_step": steps[min(step, len(steps) - 1)].service,
-            "attempt": attempt, "username": username, "failed_step": failed_step,
-            "reason": reason, "created_at": iso(created), "updated_at": iso(updated)}
+def log_item(row: dict) -> dict:
+    return {**row, "created_at": iso(row["created_at"])}
 
 
-def log_item(row):
-    keys = ("id", "saga_id", "service", "status", "message", "created_at", "step", "action",
-            "attempt", "http_status", "elapsed_ms")
-    item = dict(zip(keys, row))
-    item["created_at"] = iso(item["created_at"])
-    return item
+@reading.get("/sagas")
+def list_sagas():
+    status = query_choice("status", STATES)
+    saga_type = query_choice("type", tuple(SAGA_TYPES))
+    mode = query_choice("mode", MODES)
+    label = request.args.get("label")
+    username = request.args.get("username")
+    if username is not None:  # a registration is labelled by its username
+        saga_type, label = REGISTRATION.name, username
+    limit = query_int("limit", 50, 1, 500)
+    offset = query_int("offset", 0, 0, 10_000_000)
+    rows, more = orchestrator().engine.store.list_sagas(status, saga_type, label, mode,
+                                                        limit, offset)
+    return jsonify({"sagas": [saga_item(r) for r in rows], "limit": limit, "offset": offset,
+                    "next_offset": offset + limit if more else None})
 
 
-def step_outcomes(steps, log_rows):
+@reading.get("/sagas/<saga_id:saga_id>")
+def get_saga(saga_id):
+    check_saga_id(saga_id)
+    row, log_rows = orchestrator().engine.store.get_saga(saga_id)
+    if row is None:
+        raise no_such_saga(saga_id)
+    item = saga_item(row)
+    item["results"] = json.loads(row["results"])
+    item["rejected"] = bool(row["rejected"])
+    log = [log_item(r) for r in log_rows]
+    item["steps"] = step_stories(SAGA_TYPES[row["type"]], item["input"], log)
+    item["log"] = log
+    return jsonify(item)
+
+
+@reading.get("/sagas/<saga_id:saga_id>/status")
+def saga_status(saga_id):
+    check_saga_id(saga_id)
+    row = orchestrator().engine.store.get_item(saga_id)
+    if row is None:
+        raise no_such_saga(saga_id)
+    return jsonify(saga_item(row))
+
+
+def step_stories(saga_type, data: dict, log: list[dict]) -> list[dict]:
     """Each step's forward and compensation story, folded from its SAGA_LOG rows."""
     out = []
-    for step in steps:
-        entry = {"service": step.service}
+    for number, step in enumerate(saga_type.steps, start=1):
+        entry = {"name": step.name, "service": step.service(data), "op": step.op,
+                 "kind": step.kind.value}
         for action in ("invoke", "compensate"):
-            rows = [r for r in log_rows if r["service"] == step.service and r["action"] == action]
+            rows = [r for r in log if r["step"] == number and r["action"] == action]
             if rows:
                 last = rows[-1]
                 entry[action] = {"status": last["status"], "attempts": len(rows),
@@ -343,15 +272,219 @@ def step_outcomes(steps, log_rows):
     return out
 
 
-def start_answer(saga):
-    body = {"saga": saga.id, "status": saga.status}
-    if saga.status != COMPLETED:
-        body.update(failed_step=saga.failed_step, reason=saga.reason)
-    if saga.results:
-        body["results"] = saga.results
-    return body
+@reading.get("/log")
+def log_tail():
+    """SAGA_LOG for a live tail. First call without parameters (the newest rows), then
+    pass back the `cursor` each answer gives: it brings the rows after the last one seen
+    and any row that committed late with a lower id. `after=ID` starts after an id."""
+    limit = query_int("limit", 100, 1, 1000)
+    after, gaps = None, {}
+    if request.args.get("cursor") is not None:
+        after, gaps = read_cursor(request.args["cursor"])
+    elif request.args.get("after") is not None:
+        after = query_int("after", 0, 0, 2 ** 62)
+    rows, after, gaps = orchestrator().engine.store.tail_log(after, gaps, limit)
+    return jsonify({"log": [log_item(r) for r in rows], "cursor": make_cursor(after, gaps)})
+
+
+def make_cursor(after: int, gaps: dict) -> str:
+    raw = json.dumps({"a": after, "g": [[g, int(born)] for g, born in gaps.items()]},
+                     separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def read_cursor(text: str):
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        after = int(raw["a"])
+        gaps = {int(g): float(born) for g, born in raw["g"]}
+        if after < 0 or len(gaps) > 1000:
+            raise ValueError(after)
+        return after, gaps
+    except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError):
+        raise ApiError("cursor is not one this API gave out", "cursor") from None
+
+
+# --- operator actions --------------------------------------------------------------------
+
+operating = Blueprint("operating", __name__)
+
+
+def past_pivot(saga: Saga) -> bool:
+    """A saga whose retriable step may have committed can no longer be undone."""
+    steps = saga.type.steps
+    if saga.status == Status.COMPLETED:
+        return any(s.kind == StepKind.RETRIABLE for s in steps)
+    return saga.status == Status.RUNNING and saga.current.kind == StepKind.RETRIABLE
+
+
+@operating.post("/sagas/<saga_id:saga_id>/compensate")
+def compensate(saga_id):
+    require_token(orchestrator().settings)
+
+    def decide(saga, lease_live):
+        if saga.status in (Status.COMPENSATED, Status.COMPENSATING):
+            return []
+        if past_pivot(saga):
+            raise ApiError(f"saga {saga.id} is past its point of no return "
+                           f"({saga.current.name} may have committed): it can only go "
+                           "forward", status=409)
+        if saga.status == Status.COMPLETED:
+            saga.step, saga.touched = len(saga.type.steps) - 1, True
+        if saga.status == Status.RUNNING:
+            saga.touched = True  # its current call may be in flight
+        saga.status, saga.attempt = Status.COMPENSATING, 1
+        saga.reason = "compensation requested by an operator"
+        return [saga_event(saga.id, Status.COMPENSATING, saga.reason)]
+
+    return operator_action(saga_id, decide)
+
+
+@operating.post("/sagas/<saga_id:saga_id>/retry")
+def retry(saga_id):
+    require_token(orchestrator().settings)
+
+    def decide(saga, lease_live):
+        if saga.status == Status.FAILED:
+            saga.status, saga.attempt = Status.COMPENSATING, 1
+            saga.reason = (saga.reason or "") + " (retried by an operator)"
+            return [saga_event(saga.id, Status.COMPENSATING,
+                               "compensation retried by an operator")]
+        if saga.status in ACTIVE and not lease_live:
+            return [saga_event(saga.id, saga.status, "resumed by an operator")]
+        if saga.status in ACTIVE:
+            raise ApiError(f"saga {saga.id} is {saga.status} and being driven; nothing to "
+                           "retry", status=409)
+        raise ApiError(f"saga {saga.id} is {saga.status}; only a FAILED or stuck saga can "
+                       "be retried", status=409)
+
+    return operator_action(saga_id, decide)
+
+
+def operator_action(saga_id: str, decide):
+    check_saga_id(saga_id)
+    o = orchestrator()
+    try:
+        saga, taken = o.engine.store.take_for_operator(saga_id, decide)
+    except IllegalTransition as exc:
+        raise ApiError(str(exc), status=409) from None
+    if saga is None:
+        raise no_such_saga(saga_id)
+    if saga.mode != "orchestration":
+        raise ApiError(f"saga {saga_id} is choreographed by the services; the "
+                       "orchestrator only reads it", status=409)
+    answer = o.await_outcome(saga, o.engine.run(saga)) if taken else answer_of(saga)
+    return respond(answer, 202 if answer["status"] in ACTIVE else 200)
+
+
+# --- services: faults, accounts ---------------------------------------------------------
+
+services = Blueprint("services", __name__)
+
+
+def service_call(service: str, method: str, path: str, body=None, timeout=None) -> dict:
+    o = orchestrator()
+    try:
+        _, payload = o.http.request(method, o.settings.service_urls[service] + path, body,
+                                    timeout)
+        problem = "answer was not JSON"
+    except urllib3.exceptions.HTTPError as exc:
+        payload, problem = None, exc.__class__.__name__
+    if not isinstance(payload, dict):
+        return {"service": service, "status": "down",
+                "error": f"service {service} unreachable: {problem}"}
+    return payload
+
+
+def known_service(service: str) -> str:
+    if service not in SERVICES:
+        raise ApiError(f"no service {service!r}; expected {', '.join(SERVICES)}", "service",
+                       status=404)
+    return service
+
+
+@services.get("/faults")
+def get_faults():
+    return jsonify({s: service_call(s, "GET", "/faults") for s in SERVICES})
+
+
+@services.put("/faults/<service>")
+def put_faults(service):
+    require_token(orchestrator().settings)
+    known_service(service)
+    fault = parse_fault(json_object())
+    answer = service_call(service, "PUT", "/faults", fault)
+    return jsonify(answer), 502 if "error" in answer else 200
+
+
+@services.get("/accounts")
+def accounts():
+    """Each service's account, read from the service that owns it, and their total."""
+    quick = urllib3.Timeout(connect=orchestrator().settings.connect_timeout, read=2)
+    listed, complete = [], True
+    for service in SERVICES:
+        answer = service_call(service, "GET", "/accounts", timeout=quick)
+        if "accounts" in answer:
+            listed += [{k: a[k] for k in ("id", "service", "balance")} for a in answer["accounts"]]
+        else:
+            complete = False
+            listed.append({"id": service, "service": service, "balance": None,
+                           "error": answer.get("error", "unavailable")})
+    total = str(sum(Decimal(a["balance"]) for a in listed)) if complete else None
+    return jsonify({"accounts": listed, "total": total}), 200 if complete else 503
+
+
+# --- health, spec, UI --------------------------------------------------------------------
+
+basics = Blueprint("basics", __name__)
+
+
+@basics.get("/health")
+def health():
+    o = orchestrator()
+    up = o.db.ping()
+    body = {"service": "orchestrator", "status": "ok" if up else "degraded",
+            "database": "up" if up else "down", "owner": o.engine.owner,
+            "active_sagas": len(o.engine.active_ids()), "transport": o.settings.transport}
+    if request.args.get("all"):
+        quick = urllib3.Timeout(connect=o.settings.connect_timeout, read=2)
+        body["services"] = {s: service_call(s, "GET", "/health", timeout=quick)
+                            for s in SERVICES}
+    return jsonify(body), 200 if up else 503
+
+
+@basics.get("/openapi.json")
+def openapi():
+    return jsonify(SPEC)
+
+
+@basics.get("/")
+@basics.get("/ui.html")
+def ui():
+    return send_file(os.path.join(HERE, "ui.html"), mimetype="text/html", max_age=0)
+
+
+def create_app(settings=None, start_background: bool = True):
+    settings = settings or load_settings()
+    app = new_app("orchestrator")
+    app.url_map.converters["saga_id"] = SagaIdConverter
+    app.extensions["orchestrator"] = Orchestrator(settings, start_background)
+    for blueprint in (starting, reading, operating, services, basics):
+        app.register_blueprint(blueprint)
+
+    @app.after_request
+    def cors(resp):
+        # The UI may be opened from disk (Origin: null): allow any origin, but never
+        # with credentials, so no browser ever sends cookies along.
+        resp.headers["Access-Control-Allow-Origin"] = "*"
+        resp.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization, Idempotency-Key"
+        resp.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, OPTIONS"
+        return resp
+
+    return app
 
 
 if __name__ == "__main__":
     _settings = load_settings()
-    serve(lambda: create_app(_settings), _settings.orchestrator_port, _settings, "orchestrator")
+    serve(lambda: create_app(_settings), _settings.ports["orchestrator"], _settings,
+          "orchestrator")

@@ -2,6 +2,9 @@
 # The two commands of the README, on a fresh Debian/Ubuntu or macOS (Homebrew) machine:
 #   ./run.sh demo          install what is missing, set up saga_db, start all four processes
 #   ./run.sh test [args]   install what is missing, run the whole test suite (args go to pytest)
+# and for scripts:
+#   ./run.sh upgrade       move an existing saga_db made by an earlier version to this layout
+#   ./run.sh broker kafka|rabbitmq PORT   a private, throwaway broker in the foreground
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -31,6 +34,14 @@ install_system_packages() {   # $1 = demo | test
   else
     echo "Install MariaDB (or MySQL) and python3 yourself, then run this again." >&2
     exit 1
+  fi
+}
+
+install_rabbitmq() {
+  if ! [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && ! have rabbitmq-server; then
+    if have apt-get; then echo "==> installing rabbitmq-server"; apt_install rabbitmq-server
+    elif have brew; then brew install rabbitmq
+    else echo "Install RabbitMQ yourself, then run this again." >&2; exit 1; fi
   fi
 }
 
@@ -64,6 +75,17 @@ start_database() {
   fi
 }
 
+check_server_version() {   # the engine needs FOR UPDATE SKIP LOCKED: stop here if it cannot have it
+  .venv/bin/python - <<'PY'
+import sys
+from common import Database, UnsupportedServer, load_settings
+try:
+    Database(load_settings(), 1).check_server()
+except UnsupportedServer as exc:
+    sys.exit(f"run.sh: {exc}")
+PY
+}
+
 provision_database() {
   local name=${SAGA_DB_NAME:-saga_db} user=${SAGA_DB_USER:-saga} pass=${SAGA_DB_PASSWORD:-saga}
   echo "==> creating database $name and its user $user (rights on $name only)"
@@ -74,6 +96,8 @@ CREATE USER IF NOT EXISTS '$user'@'127.0.0.1' IDENTIFIED BY '$pass';
 GRANT ALL PRIVILEGES ON \`$name\`.* TO '$user'@'localhost';
 GRANT ALL PRIVILEGES ON \`$name\`.* TO '$user'@'127.0.0.1';
 SQL
+  check_server_version
+  .venv/bin/python tools/upgrade.py
   MYSQL_PWD="$pass" mariadb -h"${SAGA_DB_HOST:-127.0.0.1}" -P"${SAGA_DB_PORT:-3306}" \
     -u"$user" "$name" < schema.sql
 }
@@ -89,6 +113,18 @@ case "${1:-}" in
     echo "           -d '{\"username\":\"john_doe\",\"address\":\"123 Main St\",\"payment\":\"Visa\"}'"
     PATH="$PWD/.venv/bin:$PATH" exec .venv/bin/honcho -f Procfile start
     ;;
+  upgrade)
+    install_system_packages demo
+    setup_venv
+    start_database
+    provision_database
+    ;;
+  broker)
+    [ $# -eq 3 ] && [ "$2" = kafka -o "$2" = rabbitmq ] || { echo "usage: $0 broker kafka|rabbitmq PORT" >&2; exit 2; }
+    [ "$2" = rabbitmq ] && install_rabbitmq
+    setup_venv
+    exec .venv/bin/python tools/brokers.py "$2" "$3"
+    ;;
   test)
     shift
     install_system_packages test
@@ -96,7 +132,7 @@ case "${1:-}" in
     exec .venv/bin/python -m pytest "$@"
     ;;
   *)
-    echo "usage: $0 demo | test [pytest args]" >&2
+    echo "usage: $0 demo | test [pytest args] | upgrade | broker kafka|rabbitmq PORT" >&2
     exit 2
     ;;
 esac

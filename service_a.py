@@ -1,20 +1,15 @@
-"""Service A (port 5001): owns TABLE_A, the registered users."""
+"""Service A (port 5001): owns TABLE_A (the users) and account A."""
 
-from common import text_field
-from participant import Part, create_service_app, run
+from participant.app import create_service_app, run_service
+from participant.operations import REGISTRATION_OPERATIONS, account_operations
 
-PART = Part(
-    service="A",
-    table="TABLE_A",
-    id_name="user_id",
-    read_input=lambda body: {"username": text_field(body, "username")},
-    insert_sql="INSERT INTO TABLE_A (saga_id, username) VALUES (%s, %s)",
-)
+SERVICE = "A"
+OPERATIONS = (REGISTRATION_OPERATIONS[SERVICE], *account_operations(SERVICE))
 
 
 def create_app(settings=None, faults=None):
-    return create_service_app(PART, settings, faults)
+    return create_service_app(SERVICE, OPERATIONS, settings, faults)
 
 
 if __name__ == "__main__":
-    run(PART, create_app)
+    run_service(SERVICE, create_app)

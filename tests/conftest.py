@@ -1,9 +1,15 @@
 """Fixtures: a private MariaDB server, the four real processes, and helpers to look at
-what they wrote. Nothing is mocked: every saga test goes over HTTP to real processes
-that write to a real database."""
+what they wrote. Nothing is mocked: every saga test goes over HTTP (or a real broker) to
+real processes that write to a real database.
 
+The private MariaDB runs in a time zone with daylight saving time (America/New_York), so
+any time the engine kept in the server's local time instead of UTC would show."""
+
+import json
 import os
 import sys
+import threading
+from decimal import Decimal
 
 import mysql.connector
 import pytest
@@ -11,7 +17,9 @@ import requests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 
+from common import SERVICES  # noqa: E402
 from launcher import PROCESSES, PrivateMariaDB, System, wait_for  # noqa: E402
 
 # Short timeouts and backoff so failure paths run in well under a second each.
@@ -27,20 +35,45 @@ TEST_ENV = {
     "SAGA_LEASE_SECONDS": "1",
     "SAGA_RECOVERY_INTERVAL": "0.2",
 }
-TABLES = ("TABLE_C", "TABLE_B", "TABLE_A", "STEP_LEDGER", "SAGA_LOG", "SAGA")
+BUSINESS_TABLES = ("TABLE_A", "TABLE_B", "TABLE_C")
+TABLES = ("TABLE_C", "TABLE_B", "TABLE_A", "STEP_LEDGER", "SAGA_LOG", "SAGA", "START_KEY",
+          "OUTBOX")
 SEED_INPUT = {"username": "john_doe", "address": "123 Main St", "payment": "Visa"}
+DST_ZONE = "America/New_York"
 
 
 @pytest.fixture(scope="session")
 def mariadb(tmp_path_factory):
-    server = PrivateMariaDB(str(tmp_path_factory.mktemp("mariadb")))
+    server = PrivateMariaDB(str(tmp_path_factory.mktemp("mariadb")), tz=DST_ZONE)
     server.install()
     server.start()
     yield server
     server.stop()
 
 
-class Saga:
+def in_background(fn, *args, **kwargs):
+    """Run fn in a thread; returns (thread, answer) where answer gets 'resp' or 'error'."""
+    answer = {}
+
+    def run():
+        try:
+            answer["resp"] = fn(*args, **kwargs)
+        except requests.RequestException as exc:
+            answer["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, answer
+
+
+def join(thread, timeout=60):
+    """Join a client thread and fail plainly if it is stuck, instead of failing later on
+    the answer it never wrote."""
+    thread.join(timeout)
+    assert not thread.is_alive(), f"client thread still running after {timeout} s"
+
+
+class LiveSystem:
     """One running system (database + four processes) and ways to look into it."""
 
     def __init__(self, server, system, dbname):
@@ -49,13 +82,23 @@ class Saga:
 
     # -- HTTP
     def start(self, payload=None, **kwargs):
-        return requests.post(self.url + "/start", json=payload or SEED_INPUT, timeout=60, **kwargs)
+        return requests.post(self.url + "/start", json=payload or SEED_INPUT, timeout=60,
+                             **kwargs)
+
+    def transfer(self, payload, **kwargs):
+        return requests.post(self.url + "/transfer", json=payload, timeout=60, **kwargs)
 
     def get(self, path, **kwargs):
         return requests.get(self.url + path, timeout=30, **kwargs)
 
     def post(self, path, **kwargs):
         return requests.post(self.url + path, timeout=60, **kwargs)
+
+    def post_service(self, name, path, body, **kwargs):
+        return requests.post(self.service(name) + path, json=body, timeout=30, **kwargs)
+
+    def get_service(self, name, path):
+        return requests.get(self.service(name) + path, timeout=30).json()
 
     def service(self, name):
         return self.system.url(f"service_{name.lower()}")
@@ -70,7 +113,8 @@ class Saga:
     def wait_idle(self, service):
         """Until the service has finished every call it was serving (a hung one too), so
         a late commit has landed or never will."""
-        wait_for(lambda: self.in_flight(service) == 0, 30, f"service {service} to finish its calls")
+        wait_for(lambda: self.in_flight(service) == 0, 30,
+                 f"service {service} to finish its calls")
 
     def set_fault(self, service, **fault):
         resp = requests.put(self.service(service) + "/faults", json=fault, timeout=10)
@@ -80,7 +124,8 @@ class Saga:
     # -- database
     def query(self, sql, params=()):
         conn = mysql.connector.connect(host="127.0.0.1", port=self.server.port, user="saga",
-                                       password="saga", database=self.dbname, autocommit=True)
+                                       password="saga", database=self.dbname, autocommit=True,
+                                       time_zone="+00:00")
         try:
             cur = conn.cursor()
             cur.execute(sql, params)
@@ -91,12 +136,16 @@ class Saga:
     def row_counts(self, saga_id=None):
         where, params = ("WHERE saga_id = %s", (saga_id,)) if saga_id else ("", ())
         return {t: self.query(f"SELECT COUNT(*) FROM {t} {where}", params)[0][0]
-                for t in ("TABLE_A", "TABLE_B", "TABLE_C")}
+                for t in BUSINESS_TABLES}
 
     def saga_row(self, saga_id):
         rows = self.query("SELECT status, step, attempt, results, failed_step, lease_owner, "
                           "fence FROM SAGA WHERE id = %s", (saga_id,))
         return rows[0] if rows else None
+
+    def status(self, saga_id):
+        row = self.saga_row(saga_id)
+        return row and row[0]
 
     def log(self, saga_id):
         """SAGA_LOG rows of one saga as (service, action, attempt, status), in order."""
@@ -107,10 +156,13 @@ class Saga:
         """Only the calls: (service, action, attempt, status)."""
         return [r for r in self.log(saga_id) if r[0] != "SAGA"]
 
+    def balances(self):
+        return dict(self.query("SELECT id, balance FROM ACCOUNT ORDER BY id"))
+
     def wait_status(self, saga_id, statuses=("COMPLETED", "COMPENSATED", "FAILED"), timeout=60):
         def done():
-            row = self.saga_row(saga_id)
-            return row and row[0] in statuses and row[0]
+            status = self.status(saga_id)
+            return status in statuses and status
         return wait_for(done, timeout, f"saga {saga_id} to reach {statuses}")
 
     def wait_quiet(self, timeout=60):
@@ -118,9 +170,18 @@ class Saga:
                                     "('RUNNING', 'COMPENSATING')")[0][0] == 0,
                  timeout, "no saga to be running or compensating")
 
+    def wait_all_idle(self):
+        """Every running service has finished its calls, so no late write can land in
+        the next test's database."""
+        for service in SERVICES:
+            name = f"service_{service.lower()}"
+            if self.system.alive(name) and name not in self.system.frozen:
+                self.wait_idle(service)
+
     def assert_all_or_nothing(self):
-        """DESIGN.md rule 7 over the whole database."""
-        for sid, status in self.query("SELECT id, status FROM SAGA"):
+        """DESIGN.md rule 7 over the whole database, for registrations."""
+        for sid, status in self.query("SELECT id, status FROM SAGA "
+                                      "WHERE type = 'registration'"):
             counts = self.row_counts(sid)
             if status == "COMPLETED":
                 assert counts == {"TABLE_A": 1, "TABLE_B": 1, "TABLE_C": 1}, (sid, counts)
@@ -128,22 +189,34 @@ class Saga:
                 assert status in ("COMPENSATED", "FAILED"), (sid, status)
                 if status == "COMPENSATED":
                     assert counts == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}, (sid, counts)
-        for table in ("TABLE_A", "TABLE_B", "TABLE_C"):
+        for table in BUSINESS_TABLES:
             orphans = self.query(f"SELECT COUNT(*) FROM {table} t LEFT JOIN SAGA s "
                                  f"ON s.id = t.saga_id WHERE s.id IS NULL")[0][0]
             assert orphans == 0, f"{table} has {orphans} rows with no saga"
 
+    def assert_money_conserved(self):
+        """The bank invariant: each balance = opening + completed transfers in - out."""
+        expected = {k: v for k, v in self.query("SELECT id, opening FROM ACCOUNT")}
+        for data, in self.query("SELECT input FROM SAGA WHERE type = 'transfer' "
+                                "AND status = 'COMPLETED'"):
+            t = json.loads(data)
+            expected[t["from"]] -= Decimal(t["amount"])
+            expected[t["to"]] += Decimal(t["amount"])
+        assert self.balances() == expected
+        assert all(b >= 0 for b in self.balances().values())
+
     def reset(self):
-        """Back to an empty database, faults off, every process running."""
+        """Back to an empty database, faults off, every process running and idle."""
         for name in PROCESSES:
             if name in self.system.frozen:
                 self.system.thaw(name)
             if not self.system.alive(name):
                 self.system.start(name)
             self.system.wait_healthy(name)
-        for service in "ABC":
+        for service in SERVICES:
             self.set_fault(service, mode="off")
         self.wait_quiet()
+        self.wait_all_idle()
         conn = mysql.connector.connect(host="127.0.0.1", port=self.server.port, user="saga",
                                        password="saga", database=self.dbname, autocommit=True)
         try:
@@ -151,26 +224,30 @@ class Saga:
             cur.execute("SET FOREIGN_KEY_CHECKS = 0")
             for table in TABLES:
                 cur.execute(f"TRUNCATE TABLE {table}")
+            cur.execute("UPDATE ACCOUNT SET balance = opening")
         finally:
             conn.close()
 
 
+def system_env(mariadb, dbname, **env):
+    return {**TEST_ENV, "SAGA_DB_PORT": str(mariadb.port), "SAGA_DB_NAME": dbname, **env}
+
+
 @pytest.fixture(scope="session")
-def _shared(mariadb, tmp_path_factory):
+def _shared_system(mariadb, tmp_path_factory):
     dbname = mariadb.create_database("saga_test")
-    logdir = str(tmp_path_factory.mktemp("logs"))
-    system = System(logdir, {**TEST_ENV, "SAGA_DB_PORT": str(mariadb.port),
-                             "SAGA_DB_NAME": dbname})
+    system = System(str(tmp_path_factory.mktemp("logs")), system_env(mariadb, dbname))
     system.start()
-    yield Saga(mariadb, system, dbname)
+    yield LiveSystem(mariadb, system, dbname)
     system.stop()
 
 
 @pytest.fixture
-def saga(_shared):
-    """The shared system, emptied and healthy, with no faults."""
-    _shared.reset()
-    yield _shared
+def live_system(_shared_system):
+    """The shared system, emptied, idle and healthy, with no faults; left idle after."""
+    _shared_system.reset()
+    yield _shared_system
+    _shared_system.wait_all_idle()
 
 
 _counter = iter(range(1, 10_000))
@@ -183,13 +260,11 @@ def make_system(mariadb, tmp_path):
 
     def make(orchestrators=1, **env):
         dbname = mariadb.create_database(f"saga_t{next(_counter)}_{os.getpid()}")
-        system = System(str(tmp_path), {**TEST_ENV, "SAGA_DB_PORT": str(mariadb.port),
-                                        "SAGA_DB_NAME": dbname, **env}, orchestrators)
+        system = System(str(tmp_path), system_env(mariadb, dbname, **env), orchestrators)
         started.append(system)
         system.start()
-        return Saga(mariadb, system, dbname)
+        return LiveSystem(mariadb, system, dbname)
 
     yield make
     for system in started:
         system.stop()
-

@@ -2,41 +2,42 @@
 
 import threading
 
+import mysql.connector
 import pytest
 import requests
 
-from conftest import SEED_INPUT, TEST_ENV, Saga
+from conftest import SEED_INPUT, LiveSystem, in_background, join, system_env
 from launcher import System, wait_for
 
 
-def start_many(saga, n, **overrides):
-    return [saga.start({**SEED_INPUT, **overrides}).json()["saga"] for _ in range(n)]
+def start_many(live_system, n, **overrides):
+    return [live_system.start({**SEED_INPUT, **overrides}).json()["saga"] for _ in range(n)]
 
 
-def test_list_is_newest_first_and_paged(saga):
-    ids = start_many(saga, 5)
-    first = saga.get("/sagas", params={"limit": 2}).json()
+def test_list_is_newest_first_and_paged(live_system):
+    ids = start_many(live_system, 5)
+    first = live_system.get("/sagas", params={"limit": 2}).json()
     assert [s["id"] for s in first["sagas"]] == ids[::-1][:2]
     assert first["next_offset"] == 2
-    rest = saga.get("/sagas", params={"limit": 10, "offset": 2}).json()
+    rest = live_system.get("/sagas", params={"limit": 10, "offset": 2}).json()
     assert [s["id"] for s in rest["sagas"]] == ids[::-1][2:]
     assert rest["next_offset"] is None
 
 
-def test_list_filters_by_status_and_username(saga):
-    done = start_many(saga, 2, username="alice")
-    saga.set_fault("C", mode="reject")
-    undone = start_many(saga, 1, username="bob")
-    listed = saga.get("/sagas", params={"status": "COMPENSATED"}).json()["sagas"]
+def test_list_filters_by_status_and_username(live_system):
+    done = start_many(live_system, 2, username="alice")
+    live_system.set_fault("C", mode="reject")
+    undone = start_many(live_system, 1, username="bob")
+    listed = live_system.get("/sagas", params={"status": "COMPENSATED"}).json()["sagas"]
     assert [s["id"] for s in listed] == undone and listed[0]["failed_step"] == "C"
-    alice = saga.get("/sagas", params={"username": "alice"}).json()["sagas"]
+    alice = live_system.get("/sagas", params={"username": "alice"}).json()["sagas"]
     assert sorted(s["id"] for s in alice) == sorted(done)
 
 
-def test_detail_has_input_step_outcomes_and_log(saga):
-    saga.set_fault("B", mode="fail", next=1)
-    sid = saga.start().json()["saga"]
-    detail = saga.get(f"/sagas/{sid}").json()
+def test_detail_has_input_step_outcomes_and_log(live_system):
+    live_system.set_fault("B", mode="fail", next=1)
+    sid = live_system.start().json()["saga"]
+    detail = live_system.get(f"/sagas/{sid}").json()
     assert detail["status"] == "COMPLETED" and detail["input"] == SEED_INPUT
     steps = {s["service"]: s for s in detail["steps"]}
     assert steps["B"]["invoke"]["attempts"] == 2 and steps["B"]["invoke"]["status"] == "success"
@@ -45,27 +46,27 @@ def test_detail_has_input_step_outcomes_and_log(saga):
     assert detail["results"]["A"]["user_id"] > 0
 
 
-def test_compensating_a_completed_saga_undoes_it_in_reverse(saga):
-    sid = saga.start().json()["saga"]
-    resp = saga.post(f"/sagas/{sid}/compensate")
+def test_compensating_a_completed_saga_undoes_it_in_reverse(live_system):
+    sid = live_system.start().json()["saga"]
+    resp = live_system.post(f"/sagas/{sid}/compensate")
     assert resp.status_code == 200 and resp.json()["status"] == "COMPENSATED"
-    assert saga.row_counts(sid) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
-    comps = [c[0] for c in saga.calls(sid) if c[1] == "compensate"]
+    assert live_system.row_counts(sid) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    comps = [c[0] for c in live_system.calls(sid) if c[1] == "compensate"]
     assert comps == ["C", "B", "A"]
 
 
-def test_compensating_a_compensated_saga_changes_nothing(saga):
-    saga.set_fault("A", mode="reject")
-    sid = saga.start().json()["saga"]
-    before = saga.log(sid)
-    resp = saga.post(f"/sagas/{sid}/compensate")
+def test_compensating_a_compensated_saga_changes_nothing(live_system):
+    live_system.set_fault("A", mode="reject")
+    sid = live_system.start().json()["saga"]
+    before = live_system.log(sid)
+    resp = live_system.post(f"/sagas/{sid}/compensate")
     assert resp.status_code == 200 and resp.json()["status"] == "COMPENSATED"
-    assert saga.log(sid) == before
+    assert live_system.log(sid) == before
 
 
-def test_retrying_a_saga_that_is_not_failed_is_a_conflict(saga):
-    sid = saga.start().json()["saga"]
-    resp = saga.post(f"/sagas/{sid}/retry")
+def test_retrying_a_saga_that_is_not_failed_is_a_conflict(live_system):
+    sid = live_system.start().json()["saga"]
+    resp = live_system.post(f"/sagas/{sid}/retry")
     assert resp.status_code == 409
     assert "COMPLETED" in resp.json()["error"]
 
@@ -78,8 +79,8 @@ def test_retrying_a_saga_that_is_not_failed_is_a_conflict(saga):
     ("get", "/sagas/%27%20OR%201%3D1%20--"),
     ("get", "/sagas/" + "x" * 300),
 ])
-def test_unknown_saga_is_404(saga, method, path):
-    resp = getattr(requests, method)(saga.url + path, timeout=10)
+def test_unknown_saga_is_404(live_system, method, path):
+    resp = getattr(requests, method)(live_system.url + path, timeout=10)
     assert resp.status_code == 404
     assert resp.json()["field"] == "saga_id"
 
@@ -89,47 +90,47 @@ def test_unknown_saga_is_404(saga, method, path):
     ({"offset": "-1"}, "offset"), ({"status": "DONE"}, "status"),
     ({"status": "' OR 1=1 --"}, "status"),
 ])
-def test_hostile_query_strings_are_400(saga, query, field):
-    resp = saga.get("/sagas", params=query)
+def test_hostile_query_strings_are_400(live_system, query, field):
+    resp = live_system.get("/sagas", params=query)
     assert resp.status_code == 400 and resp.json()["field"] == field
 
 
-def test_username_filter_is_a_parameter_not_sql(saga):
-    start_many(saga, 1)
-    resp = saga.get("/sagas", params={"username": "' OR '1'='1"})
+def test_username_filter_is_a_parameter_not_sql(live_system):
+    start_many(live_system, 1)
+    resp = live_system.get("/sagas", params={"username": "' OR '1'='1"})
     assert resp.status_code == 200 and resp.json()["sagas"] == []
 
 
-def test_log_tail_returns_rows_after_an_id(saga):
-    sid = saga.start().json()["saga"]
-    rows = saga.get("/log").json()["log"]
+def test_log_tail_returns_rows_after_an_id(live_system):
+    sid = live_system.start().json()["saga"]
+    rows = live_system.get("/log").json()["log"]
     assert [r["saga_id"] for r in rows] == [sid] * 5
-    after = saga.get("/log", params={"after": rows[2]["id"]}).json()["log"]
+    after = live_system.get("/log", params={"after": rows[2]["id"]}).json()["log"]
     assert [r["id"] for r in after] == [r["id"] for r in rows[3:]]
 
 
-def test_cors_allows_any_origin_without_credentials(saga):
+def test_cors_allows_any_origin_without_credentials(live_system):
     for origin in ("null", "https://evil.example"):
-        resp = saga.get("/sagas", headers={"Origin": origin})
+        resp = live_system.get("/sagas", headers={"Origin": origin})
         assert resp.headers["Access-Control-Allow-Origin"] == "*"
         assert "Access-Control-Allow-Credentials" not in resp.headers
-    pre = requests.options(saga.url + "/start", timeout=5, headers={
+    pre = requests.options(live_system.url + "/start", timeout=5, headers={
         "Origin": "null", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "content-type"})
     assert pre.status_code == 200 and pre.headers["Access-Control-Allow-Origin"] == "*"
 
 
-def test_fault_control_through_the_orchestrator(saga):
-    resp = requests.put(saga.url + "/faults/C", json={"mode": "reject", "next": 1}, timeout=5)
+def test_fault_control_through_the_orchestrator(live_system):
+    resp = requests.put(live_system.url + "/faults/C", json={"mode": "reject", "next": 1}, timeout=5)
     assert resp.status_code == 200 and resp.json()["fault"]["mode"] == "reject"
-    assert saga.get("/faults").json()["C"]["fault"]["next"] == 1
-    assert saga.start().status_code == 409
-    assert saga.start().status_code == 200
-    assert requests.put(saga.url + "/faults/D", json={"mode": "off"}, timeout=5).status_code == 404
+    assert live_system.get("/faults").json()["C"]["fault"]["next"] == 1
+    assert live_system.start().status_code == 409
+    assert live_system.start().status_code == 200
+    assert requests.put(live_system.url + "/faults/D", json={"mode": "off"}, timeout=5).status_code == 404
 
 
-def test_health_all_reports_each_service(saga):
-    body = saga.get("/health", params={"all": 1}).json()
+def test_health_all_reports_each_service(live_system):
+    body = live_system.get("/health", params={"all": 1}).json()
     assert {k: v["database"] for k, v in body["services"].items()} == {
         "A": "up", "B": "up", "C": "up"}
 
@@ -141,11 +142,10 @@ TOKEN = "s3cret-token"
 def secured(mariadb, tmp_path_factory):
     """A system with SAGA_API_TOKEN set."""
     dbname = mariadb.create_database("saga_token")
-    system = System(str(tmp_path_factory.mktemp("token")), {
-        **TEST_ENV, "SAGA_DB_PORT": str(mariadb.port), "SAGA_DB_NAME": dbname,
-        "SAGA_API_TOKEN": TOKEN})
+    system = System(str(tmp_path_factory.mktemp("token")),
+                    system_env(mariadb, dbname, SAGA_API_TOKEN=TOKEN))
     system.start()
-    yield Saga(mariadb, system, dbname)
+    yield LiveSystem(mariadb, system, dbname)
     system.stop()
 
 
@@ -195,17 +195,83 @@ class TestToken:
                 assert self.TOKEN not in log.read()
 
 
-def test_compensating_a_running_saga_stops_it_and_undoes_it(saga):
-    saga.set_fault("B", mode="hang", seconds=2, next=1)
+def test_compensating_a_running_saga_stops_it_and_undoes_it(live_system):
+    live_system.set_fault("B", mode="hang", seconds=2, next=1)
     answer = {}
-    client = threading.Thread(target=lambda: answer.update(resp=saga.start()))
+    client = threading.Thread(target=lambda: answer.update(resp=live_system.start()))
     client.start()
-    sid = wait_for(lambda: saga.query("SELECT id FROM SAGA WHERE step = 1"), 30, "step B")[0][0]
-    resp = saga.post(f"/sagas/{sid}/compensate")
+    sid = wait_for(lambda: live_system.query("SELECT id FROM SAGA WHERE step = 1"), 30, "step B")[0][0]
+    resp = live_system.post(f"/sagas/{sid}/compensate")
     assert resp.status_code == 200 and resp.json()["status"] == "COMPENSATED"
     client.join(30)
     # The client of /start learns the truth too: its saga was undone.
     assert answer["resp"].json()["status"] == "COMPENSATED"
-    saga.wait_idle("B")
-    assert saga.row_counts(sid) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
-    assert saga.saga_row(sid)[0] == "COMPENSATED"
+    live_system.wait_idle("B")
+    assert live_system.row_counts(sid) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    assert live_system.saga_row(sid)[0] == "COMPENSATED"
+
+
+def test_items_carry_type_mode_and_transport_and_filter_by_type(live_system):
+    reg = live_system.start().json()["saga"]
+    move = live_system.transfer({"amount": 5}).json()["saga"]
+    items = {s["id"]: s for s in live_system.get("/sagas").json()["sagas"]}
+    assert {k: items[reg][k] for k in ("type", "mode", "transport", "label")} == {
+        "type": "registration", "mode": "orchestration", "transport": "http",
+        "label": "john_doe"}
+    assert items[move]["type"] == "transfer" and items[move]["label"] == "A→B 5.00"
+    assert items[move]["input"] == {"from": "A", "to": "B", "amount": "5.00"}
+    only = live_system.get("/sagas", params={"type": "transfer"}).json()["sagas"]
+    assert [s["id"] for s in only] == [move]
+    detail = live_system.get(f"/sagas/{move}").json()
+    assert detail["input"] == {"from": "A", "to": "B", "amount": "5.00"}
+    assert [(s["name"], s["service"], s["kind"]) for s in detail["steps"]] == [
+        ("debit", "A", "compensatable"), ("credit", "B", "retriable")]
+
+
+def test_log_tail_delivers_a_row_that_commits_after_a_higher_id(live_system):
+    first = live_system.get("/log").json()
+    # Another session inserts a log row and holds its transaction open: its id is taken
+    # now, but the row is invisible until it commits, after the saga's rows below.
+    conn = mysql.connector.connect(host="127.0.0.1", port=live_system.server.port,
+                                   user="saga", password="saga", database=live_system.dbname)
+    try:
+        cur = conn.cursor()
+        cur.execute("INSERT INTO SAGA_LOG (saga_id, service, status, message) "
+                    "VALUES ('late-one', 'SAGA', 'NOTE', 'committed late')")
+        late_id = cur.lastrowid
+        sid = live_system.start().json()["saga"]
+        second = live_system.get("/log", params={"cursor": first["cursor"]}).json()
+        ids = [r["id"] for r in second["log"]]
+        assert ids and min(ids) > late_id and {r["saga_id"] for r in second["log"]} == {sid}
+        conn.commit()
+    finally:
+        conn.close()
+    third = live_system.get("/log", params={"cursor": second["cursor"]}).json()
+    assert [(r["id"], r["message"]) for r in third["log"]] == [(late_id, "committed late")]
+    fourth = live_system.get("/log", params={"cursor": third["cursor"]}).json()
+    assert fourth["log"] == []
+
+
+def test_a_bad_log_cursor_is_400(live_system):
+    resp = live_system.get("/log", params={"cursor": "not-a-cursor"})
+    assert resp.status_code == 400 and resp.json()["field"] == "cursor"
+
+
+def test_health_reads_and_operator_actions_answer_while_every_web_thread_would_wait(
+        make_system):
+    # 12 web threads, 8 kept for everything but waiting: 4 /start requests wait for their
+    # saga, the others are answered 202 at once, and /health, reads and fault control
+    # are answered meanwhile.
+    system = make_system(SAGA_WEB_THREADS="12")
+    system.set_fault("B", mode="slow", seconds=2)
+    clients = [in_background(system.start) for _ in range(12)]
+    system.wait_serving("B")
+    assert system.get("/health").status_code == 200
+    assert system.get("/sagas").status_code == 200
+    assert requests.put(system.url + "/faults/C", json={"mode": "off"}, timeout=5).status_code == 200
+    for thread, _ in clients:
+        join(thread)
+    codes = sorted(answer["resp"].status_code for _, answer in clients)
+    assert codes == [200] * 4 + [202] * 8, codes
+    system.wait_quiet()
+    assert system.query("SELECT COUNT(*) FROM SAGA WHERE status = 'COMPLETED'")[0][0] == 12

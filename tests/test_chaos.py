@@ -1,7 +1,7 @@
 """The chaos harness, short: sagas from concurrent clients while every process is killed
 and frozen, faults come and go and the database restarts; afterwards every saga is
 all-or-nothing and every answer a client got is true. The long run is
-`python chaos.py --sagas 10000 --clients 16 --db-restarts 3`."""
+`python tools/chaos.py --sagas 10000 --clients 16 --db-restarts 3`."""
 
 import json
 import os
@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_chaos(tmp_path, *args, timeout=150):
     out = tmp_path / "summary.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "chaos.py"), *args,
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "chaos.py"), *args,
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
     summary = json.loads(out.read_text()) if out.exists() else None

@@ -1,96 +1,139 @@
-"""Failure at A, at B, at C: retry what may succeed, never retry a rejection, then undo
-in reverse order including the failed step, leaving no row behind."""
-
-import threading
+"""Failure at A, at B, at C: retry what may succeed, never retry a refusal, then undo in
+reverse order every step that may have written something (the failed one too when its
+outcome is unknown), leaving no row behind."""
 
 import pytest
 
+from conftest import in_background, join
 from launcher import wait_for
 
 STEPS = "ABC"
 
 
-def expected_calls(failed, attempts, status):
+def expected_calls(failed, attempts, status, undo_failed):
     """The calls SAGA_LOG must show when step `failed` fails `attempts` times."""
     done = STEPS[:STEPS.index(failed)]
+    undone = done + failed if undo_failed else done
     return ([(s, "invoke", 1, "success") for s in done]
             + [(failed, "invoke", n, status) for n in range(1, attempts + 1)]
-            + [(s, "compensate", 1, "success") for s in reversed(done + failed)])
+            + [(s, "compensate", 1, "success") for s in reversed(undone)])
 
 
 @pytest.mark.parametrize("failed", STEPS)
-def test_5xx_is_retried_to_the_limit_then_undone_in_reverse(saga, failed):
-    saga.set_fault(failed, mode="fail")
-    resp = saga.start()
+def test_5xx_is_retried_to_the_limit_then_undone_in_reverse_including_the_failed_step(
+        live_system, failed):
+    live_system.set_fault(failed, mode="fail")
+    resp = live_system.start()
     assert resp.status_code == 502, resp.text
     body = resp.json()
     assert body["status"] == "COMPENSATED" and body["failed_step"] == failed
-    assert saga.calls(body["saga"]) == expected_calls(failed, 3, "failed")
-    assert saga.row_counts() == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    # A 500 may come after a commit, so the failed step is compensated too.
+    assert live_system.calls(body["saga"]) == expected_calls(failed, 3, "failed", True)
+    assert live_system.row_counts() == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
 
 
 @pytest.mark.parametrize("failed", STEPS)
-def test_business_rejection_is_not_retried_and_is_undone(saga, failed):
-    saga.set_fault(failed, mode="reject")
-    resp = saga.start()
+def test_refusal_is_not_retried_and_only_the_steps_before_it_are_undone(live_system, failed):
+    live_system.set_fault(failed, mode="reject")
+    resp = live_system.start()
     assert resp.status_code == 409, resp.text
     body = resp.json()
     assert body["status"] == "COMPENSATED" and body["failed_step"] == failed
     assert "rejected" in body["reason"]
-    assert saga.calls(body["saga"]) == expected_calls(failed, 1, "rejected")
-    assert saga.row_counts() == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    # A refusal is recorded by the service and wrote nothing: as in seed 001, failure at
+    # B undoes A only, and failure at A needs no compensation at all.
+    assert live_system.calls(body["saga"]) == expected_calls(failed, 1, "rejected", False)
+    assert live_system.row_counts() == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+
+
+def test_refusal_is_recorded_so_a_repeat_is_refused_again(live_system):
+    live_system.set_fault("B", mode="reject", next=1)
+    sid = live_system.start().json()["saga"]
+    assert live_system.query("SELECT state FROM STEP_LEDGER WHERE saga_id = %s AND service = 'B'",
+                             (sid,)) == [("refused",)]
+    again = live_system.post_service("B", "/invoke", {"saga_id": sid, "user_id": 1,
+                                                      "address": "123 Main St"})
+    assert again.status_code == 422 and "rejected" in again.json()["error"]
+    assert live_system.row_counts(sid)["TABLE_B"] == 0
 
 
 @pytest.mark.parametrize("failed", STEPS)
-def test_timeout_is_retried_then_undone_and_late_commits_leave_no_row(saga, failed):
-    # Each hung call sleeps past the read timeout and then commits, after the saga
-    # was compensated: the ledger must turn every one of those late commits away.
-    saga.set_fault(failed, mode="hang", seconds=1.5)
-    resp = saga.start()
+def test_timeout_is_retried_then_undone_and_late_commits_leave_no_row(live_system, failed):
+    # Each hung call sleeps past the read timeout and commits only after the saga was
+    # compensated (three 1 s timeouts, then the undo): the ledger's tombstone must turn
+    # every one of those late commits away.
+    live_system.set_fault(failed, mode="hang", seconds=4)
+    resp = live_system.start()
     assert resp.status_code == 502, resp.text
     sid = resp.json()["saga"]
-    assert saga.calls(sid) == expected_calls(failed, 3, "failed")
-    assert all("timeout" in m for (m,) in saga.query(
-        "SELECT message FROM SAGA_LOG WHERE saga_id = %s AND service = %s AND action = 'invoke'",
-        (sid, failed)))
-    saga.wait_idle(failed)
-    assert saga.row_counts() == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
-    assert saga.saga_row(sid)[0] == "COMPENSATED"
+    assert live_system.calls(sid) == expected_calls(failed, 3, "failed", True)
+    messages = live_system.query("SELECT message FROM SAGA_LOG WHERE saga_id = %s AND "
+                                 "service = %s AND action = 'invoke'", (sid, failed))
+    assert all(m.startswith("read timeout after 1 s") for (m,) in messages), messages
+    live_system.wait_idle(failed)
+    assert live_system.row_counts() == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    assert live_system.status(sid) == "COMPENSATED"
+
+
+def test_timed_out_call_that_committed_late_is_found_by_a_retry(live_system):
+    # B's first attempt commits after its caller gave up; the next attempt is answered
+    # from B's ledger before the injected stall, so the saga completes with one row.
+    live_system.set_fault("B", mode="hang", seconds=1.5)
+    resp = live_system.start()
+    assert resp.status_code == 200, resp.text
+    sid = resp.json()["saga"]
+    b_calls = [(c[2], c[3]) for c in live_system.calls(sid) if c[0] == "B"]
+    assert b_calls[0] == (1, "failed") and b_calls[-1][1] == "success"
+    live_system.wait_idle("B")
+    assert live_system.row_counts(sid) == {"TABLE_A": 1, "TABLE_B": 1, "TABLE_C": 1}
 
 
 @pytest.mark.parametrize("failed", STEPS)
-def test_service_down_is_retried_then_undone_once_it_is_back(saga, failed):
-    name = f"service_{failed.lower()}"
-    saga.system.kill(name)
-    answer = {}
-    client = threading.Thread(target=lambda: answer.update(resp=saga.start()))
-    client.start()
-    # The saga compensates the steps before the dead one, and keeps retrying the dead
-    # one's compensation (its outcome is unknown) until the service is back.
-    wait_for(lambda: saga.query("SELECT COUNT(*) FROM SAGA WHERE status = 'COMPENSATING'")[0][0],
-             20, "the saga to start compensating")
-    saga.system.start(name)
-    client.join(30)
-    resp = answer["resp"]
+def test_service_down_is_retried_then_undone_without_waiting_for_it(live_system, failed):
+    # Every attempt was refused at the TCP level: the request never reached the dead
+    # service, so it wrote nothing and needs no compensation. The saga undoes the steps
+    # before it and ends at once, without waiting for the service to come back.
+    live_system.system.kill(f"service_{failed.lower()}")
+    resp = live_system.start()
     assert resp.status_code == 502, resp.text
     sid = resp.json()["saga"]
     assert resp.json()["status"] == "COMPENSATED"
-    invokes = [c for c in saga.calls(sid) if c[0] == failed and c[1] == "invoke"]
-    assert [(a, s) for _, _, a, s in invokes] == [(1, "failed"), (2, "failed"), (3, "failed")]
-    compensations = [c[0] for c in saga.calls(sid) if c[1] == "compensate" and c[3] == "success"]
-    assert compensations == list(reversed(STEPS[:STEPS.index(failed) + 1]))
-    assert saga.row_counts() == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    assert live_system.calls(sid) == expected_calls(failed, 3, "failed", False)
+    messages = live_system.query("SELECT message FROM SAGA_LOG WHERE saga_id = %s AND "
+                                 "service = %s AND action = 'invoke'", (sid, failed))
+    assert all(m.startswith("connection refused") for (m,) in messages), messages
+    assert live_system.row_counts() == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+
+
+def test_a_step_that_may_have_been_reached_once_is_undone_even_if_later_attempts_were_refused(
+        live_system):
+    # B's first attempt times out (it may commit late); then B goes down and the last
+    # attempt is refused. The saga must still compensate B once it is back: the first
+    # attempt may have written.
+    live_system.set_fault("B", mode="hang", seconds=5)
+    thread, answer = in_background(live_system.start)
+    wait_for(lambda: live_system.query("SELECT 1 FROM SAGA_LOG WHERE service = 'B' AND "
+                                       "status = 'failed'"), 10, "B's first attempt to time out")
+    live_system.system.kill("service_b")
+    sid = live_system.query("SELECT id FROM SAGA")[0][0]
+    wait_for(lambda: live_system.status(sid) == "COMPENSATING", 20, "the saga to compensate")
+    live_system.system.start("service_b")
+    join(thread)
+    assert answer["resp"].json()["status"] == "COMPENSATED"
+    comps = [c[0] for c in live_system.calls(sid) if c[1] == "compensate" and c[3] == "success"]
+    assert comps == ["B", "A"]
+    assert live_system.row_counts() == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
 
 
 @pytest.mark.parametrize("mode", ["crash", "drop"])
-def test_lost_answer_after_commit_is_recovered_by_retry_with_one_row(saga, mode):
-    saga.set_fault("B", mode=mode, next=1)
-    resp = saga.start()
+def test_lost_answer_after_commit_is_recovered_by_retry_with_one_row(live_system, mode):
+    live_system.set_fault("B", mode=mode, next=1)
+    resp = live_system.start()
     assert resp.status_code == 200, resp.text
     sid = resp.json()["saga"]
-    b_calls = [c for c in saga.calls(sid) if c[0] == "B"]
+    b_calls = [c for c in live_system.calls(sid) if c[0] == "B"]
     assert b_calls == [("B", "invoke", 1, "failed"), ("B", "invoke", 2, "success")]
-    assert saga.row_counts(sid) == {"TABLE_A": 1, "TABLE_B": 1, "TABLE_C": 1}
+    assert live_system.row_counts(sid) == {"TABLE_A": 1, "TABLE_B": 1, "TABLE_C": 1}
 
 
 @pytest.mark.parametrize("mode", ["crash", "drop"])
@@ -100,7 +143,7 @@ def test_commit_whose_answer_was_lost_is_undone_when_retries_run_out(make_system
     resp = system.start()
     assert resp.status_code == 502, resp.text
     sid = resp.json()["saga"]
-    assert system.calls(sid) == expected_calls("B", 1, "failed")
+    assert system.calls(sid) == expected_calls("B", 1, "failed", True)
     assert system.row_counts() == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
     assert system.query("SELECT message FROM SAGA_LOG WHERE saga_id = %s AND service = 'B' "
                         "AND action = 'compensate'", (sid,)) == [("compensated (rows removed: 1)",)]
@@ -119,8 +162,8 @@ def test_failing_compensation_is_retried_then_saga_is_failed(make_system):
     assert len(a_comp) >= 2 and all(c[3] == "failed" for c in a_comp)
     assert [a for _, _, a, _ in a_comp] == list(range(1, len(a_comp) + 1))
     assert system.log(sid)[-1] == ("SAGA", None, None, "FAILED")
-    assert system.saga_row(sid)[0] == "FAILED"
-    # Never silently dropped: B and C are undone, A's row waits for an operator.
+    assert system.status(sid) == "FAILED"
+    # Never silently dropped: B is undone, A's row waits for an operator.
     assert system.row_counts(sid) == {"TABLE_A": 1, "TABLE_B": 0, "TABLE_C": 0}
 
 
@@ -129,7 +172,7 @@ def test_failed_saga_can_be_retried_by_an_operator(make_system):
     system.set_fault("B", mode="reject")
     system.set_fault("A", mode="fail", on="compensate")
     sid = system.start().json()["saga"]
-    assert system.saga_row(sid)[0] == "FAILED"
+    assert system.status(sid) == "FAILED"
     system.set_fault("A", mode="off")
     resp = system.post(f"/sagas/{sid}/retry")
     assert resp.status_code == 200, resp.text

@@ -4,6 +4,7 @@ system and validates each response (status code, content type, body schema)."""
 import pytest
 import requests
 import schemathesis
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 from hypothesis import HealthCheck, settings
 
 from openapi import SPEC
@@ -13,13 +14,12 @@ schema = schemathesis.openapi.from_dict(SPEC)
 
 @pytest.fixture(scope="module")
 def fuzzed(mariadb, tmp_path_factory):
-    from conftest import TEST_ENV, Saga
+    from conftest import LiveSystem, system_env
     from launcher import System
     dbname = mariadb.create_database("saga_fuzz")
-    system = System(str(tmp_path_factory.mktemp("fuzz")), {
-        **TEST_ENV, "SAGA_DB_PORT": str(mariadb.port), "SAGA_DB_NAME": dbname})
+    system = System(str(tmp_path_factory.mktemp("fuzz")), system_env(mariadb, dbname))
     system.start()
-    yield Saga(mariadb, system, dbname)
+    yield LiveSystem(mariadb, system, dbname)
     system.stop()
 
 
@@ -33,7 +33,10 @@ def test_served_document_is_the_spec(fuzzed):
 @settings(max_examples=25, derandomize=True, deadline=None,
           suppress_health_check=list(HealthCheck))
 def test_api_matches_its_spec_and_never_fails(fuzzed, case):
-    case.call_and_validate(base_url=fuzzed.url)
+    # Some valid-looking requests are refused on purpose, by rules a schema cannot say:
+    # from must differ from to, a cursor must be one the API gave out, an
+    # Idempotency-Key reused with another body gets 422.
+    case.call_and_validate(base_url=fuzzed.url, excluded_checks=[positive_data_acceptance])
 
 
 def test_fuzzing_left_no_half_done_saga(fuzzed):

@@ -2,76 +2,69 @@
 phase, freeze processes, run two orchestrators, restart the database: every saga still
 ends all-or-nothing."""
 
+import os
+import subprocess
+import sys
 import threading
 
+import pytest
 import requests
 
-from launcher import wait_for
+from conftest import ROOT, in_background, join, system_env
+from launcher import PrivateMariaDB, free_port, wait_for
 
 
-def in_background(fn, *args):
-    answer = {}
-
-    def run():
-        try:
-            answer["resp"] = fn(*args)
-        except requests.RequestException as exc:
-            answer["error"] = exc
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, answer
-
-
-def wait_step(saga, step, status="RUNNING"):
-    rows = wait_for(lambda: saga.query("SELECT id FROM SAGA WHERE step = %s AND status = %s",
+def wait_step(live_system, step, status="RUNNING"):
+    rows = wait_for(lambda: live_system.query("SELECT id FROM SAGA WHERE step = %s AND status = %s",
                                        (step, status)), 30, f"a saga at step {step} {status}")
     return rows[0][0]
 
 
-def test_kill_during_a_call_resumes_and_completes(saga):
-    saga.set_fault("B", mode="hang", seconds=2, next=1)
-    thread, answer = in_background(saga.start)
-    sid = wait_step(saga, 1)
-    saga.system.kill("orchestrator")
-    thread.join(10)
+def test_kill_during_a_call_resumes_and_completes(live_system):
+    live_system.set_fault("B", mode="hang", seconds=2, next=1)
+    thread, answer = in_background(live_system.start)
+    sid = wait_step(live_system, 1)
+    live_system.system.kill("orchestrator")
+    join(thread, 10)
     assert "error" in answer  # the client lost its answer with the orchestrator
-    saga.system.start("orchestrator")
-    assert saga.wait_status(sid) == "COMPLETED"
-    saga.wait_idle("B")
-    assert saga.row_counts(sid) == {"TABLE_A": 1, "TABLE_B": 1, "TABLE_C": 1}
-    b_calls = [c for c in saga.calls(sid) if c[0] == "B"]
+    live_system.system.start("orchestrator")
+    assert live_system.wait_status(sid) == "COMPLETED"
+    live_system.wait_idle("B")
+    assert live_system.row_counts(sid) == {"TABLE_A": 1, "TABLE_B": 1, "TABLE_C": 1}
+    b_calls = [c for c in live_system.calls(sid) if c[0] == "B"]
     assert b_calls[0] == ("B", "invoke", 1, "unknown")
     assert b_calls[-1][3] == "success"
 
 
-def test_kill_after_service_committed_before_orchestrator_recorded_it(saga):
-    saga.set_fault("B", mode="slow", seconds=1, next=1)
-    thread, answer = in_background(saga.start)
-    sid = wait_step(saga, 1)
-    saga.wait_serving("B")
-    saga.system.freeze("orchestrator")
+def test_kill_after_service_committed_before_orchestrator_recorded_it(live_system):
+    live_system.set_fault("B", mode="slow", seconds=1, next=1)
+    thread, answer = in_background(live_system.start)
+    sid = wait_step(live_system, 1)
+    live_system.wait_serving("B")
+    live_system.system.freeze("orchestrator")
     # B commits while the orchestrator cannot hear it; then the orchestrator dies.
-    wait_for(lambda: saga.row_counts(sid)["TABLE_B"] == 1, 30, "B to commit")
-    saga.system.kill("orchestrator")
-    saga.system.start("orchestrator")
-    assert saga.wait_status(sid) == "COMPLETED"
-    assert saga.row_counts(sid) == {"TABLE_A": 1, "TABLE_B": 1, "TABLE_C": 1}
+    wait_for(lambda: live_system.row_counts(sid)["TABLE_B"] == 1, 30, "B to commit")
+    live_system.system.kill("orchestrator")
+    live_system.system.start("orchestrator")
+    assert live_system.wait_status(sid) == "COMPLETED"
+    assert live_system.row_counts(sid) == {"TABLE_A": 1, "TABLE_B": 1, "TABLE_C": 1}
     # The retry found B's row (idempotent replay) rather than making a second one.
-    assert saga.query("SELECT COUNT(*) FROM TABLE_B")[0][0] == 1
+    assert live_system.query("SELECT COUNT(*) FROM TABLE_B")[0][0] == 1
 
 
-def test_kill_during_compensation_resumes_compensation(saga):
-    saga.set_fault("C", mode="reject")
-    saga.set_fault("B", mode="hang", seconds=2, next=1, on="compensate")
-    thread, answer = in_background(saga.start)
-    sid = wait_step(saga, 1, "COMPENSATING")
-    saga.system.kill("orchestrator")
-    saga.system.start("orchestrator")
-    assert saga.wait_status(sid) == "COMPENSATED"
-    saga.wait_idle("B")
-    assert saga.row_counts(sid) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
-    comp = [(c[0], c[2], c[3]) for c in saga.calls(sid) if c[1] == "compensate"]
-    assert comp[0] == ("C", 1, "success") and comp[-1] == ("A", 1, "success")
+def test_kill_during_compensation_resumes_compensation(live_system):
+    live_system.set_fault("C", mode="reject")
+    live_system.set_fault("B", mode="hang", seconds=2, next=1, on="compensate")
+    thread, answer = in_background(live_system.start)
+    sid = wait_step(live_system, 1, "COMPENSATING")
+    live_system.system.kill("orchestrator")
+    live_system.system.start("orchestrator")
+    assert live_system.wait_status(sid) == "COMPENSATED"
+    live_system.wait_idle("B")
+    assert live_system.row_counts(sid) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    comp = [(c[0], c[2], c[3]) for c in live_system.calls(sid) if c[1] == "compensate"]
+    # C refused (it wrote nothing), so the undo starts at B.
+    assert comp[0] == ("B", 1, "unknown") and comp[-1] == ("A", 1, "success")
     b_attempts = [(attempt, status) for service, attempt, status in comp if service == "B"]
     # B's compensation carried on after the restart without its attempts starting over.
     assert [a for a, _ in b_attempts] == list(range(1, len(b_attempts) + 1))
@@ -149,7 +142,7 @@ def test_frozen_orchestrator_that_wakes_cannot_overwrite_the_new_owner(make_syst
     fence = system.saga_row(sid)[6]
     assert fence == 2
     system.system.thaw("orchestrator")
-    thread.join(30)
+    join(thread)
     # The woken owner's late write is fenced off: state and rows are unchanged.
     system.wait_quiet()
     assert system.saga_row(sid)[0] == "COMPLETED" and system.saga_row(sid)[6] == 2
@@ -158,16 +151,16 @@ def test_frozen_orchestrator_that_wakes_cannot_overwrite_the_new_owner(make_syst
                         (sid,))[0][0] == 1
 
 
-def test_frozen_service_is_treated_as_slow_and_its_late_commit_leaves_no_row(saga):
-    saga.system.freeze("service_b")
-    thread, answer = in_background(saga.start)
-    sid = wait_step(saga, 1, "COMPENSATING")
-    saga.system.thaw("service_b")
-    thread.join(30)
+def test_frozen_service_is_treated_as_slow_and_its_late_commit_leaves_no_row(live_system):
+    live_system.system.freeze("service_b")
+    thread, answer = in_background(live_system.start)
+    sid = wait_step(live_system, 1, "COMPENSATING")
+    live_system.system.thaw("service_b")
+    join(thread)
     assert answer["resp"].status_code == 502
-    assert saga.saga_row(sid)[0] == "COMPENSATED"
-    saga.wait_idle("B")
-    assert saga.row_counts() == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    assert live_system.saga_row(sid)[0] == "COMPENSATED"
+    live_system.wait_idle("B")
+    assert live_system.row_counts() == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
 
 
 def test_start_answers_202_when_the_saga_outlives_the_wait(make_system):
@@ -179,51 +172,58 @@ def test_start_answers_202_when_the_saga_outlives_the_wait(make_system):
     assert system.wait_status(resp.json()["saga"]) == "COMPLETED"
 
 
-def test_database_restart_mid_saga_is_survived(saga):
-    saga.set_fault("B", mode="slow", seconds=1, next=1)
-    thread, answer = in_background(saga.start)
-    sid = wait_step(saga, 1)
-    saga.server.stop()
-    resp = saga.get("/health")
+def test_database_restart_mid_saga_is_survived(live_system):
+    live_system.set_fault("B", mode="slow", seconds=1, next=1)
+    thread, answer = in_background(live_system.start)
+    sid = wait_step(live_system, 1)
+    live_system.server.stop()
+    resp = live_system.get("/health")
     assert resp.status_code == 503 and resp.json()["database"] == "down"
-    assert requests.get(saga.service("A") + "/health", timeout=5).status_code == 503
-    saga.server.start()
-    thread.join(30)
-    assert saga.wait_status(sid, timeout=60) in ("COMPLETED", "COMPENSATED")
-    saga.wait_quiet()
-    saga.assert_all_or_nothing()
+    assert requests.get(live_system.service("A") + "/health", timeout=5).status_code == 503
+    live_system.server.start()
+    join(thread)
+    # B could not commit while the database was down (it answered 503); whether its
+    # retries outlasted the outage or the saga was undone, it is all or nothing.
+    assert live_system.wait_status(sid, timeout=60) in ("COMPLETED", "COMPENSATED")
+    live_system.wait_quiet()
+    live_system.assert_all_or_nothing()
     for name in ("orchestrator", "service_a", "service_b", "service_c"):
-        assert saga.system.alive(name)
-    assert saga.start().status_code == 200
+        assert live_system.system.alive(name)
+    assert live_system.start().status_code == 200
 
 
-def test_dropped_database_connections_are_replaced(saga):
-    saga.start()
-    pooled = saga.server.root("SELECT id FROM information_schema.PROCESSLIST WHERE user = 'saga'")
+def test_dropped_database_connections_are_replaced(live_system):
+    live_system.start()
+    pooled = live_system.server.root("SELECT id FROM information_schema.PROCESSLIST WHERE user = 'saga'")
     assert pooled, "the processes should hold pooled connections after a saga"
     for (pid,) in pooled:
-        saga.server.root(f"KILL {pid}")
-    resp = saga.start()
+        live_system.server.root(f"KILL {pid}")
+    resp = live_system.start()
     assert resp.status_code == 200 and resp.json()["status"] == "COMPLETED"
 
 
-def test_start_never_answers_from_a_state_it_could_not_save(saga):
+def test_start_never_answers_from_a_state_it_could_not_save(make_system):
     # C commits while the orchestrator is frozen; when it wakes, the database is gone,
-    # so its final save fails. /start must not claim COMPLETED: it answers 202.
-    saga.set_fault("C", mode="slow", seconds=1, next=1)
-    thread, answer = in_background(saga.start)
-    sid = wait_step(saga, 2)
-    saga.wait_serving("C")
-    saga.system.freeze("orchestrator")
-    wait_for(lambda: saga.row_counts(sid)["TABLE_C"] == 1, 30, "C to commit")
-    saga.server.stop()
-    saga.system.thaw("orchestrator")
-    thread.join(30)
-    assert answer["resp"].status_code == 202, answer["resp"].text
-    assert answer["resp"].json()["status"] == "RUNNING"
-    saga.server.start()
-    assert saga.wait_status(sid) == "COMPLETED"
-    assert saga.row_counts(sid) == {"TABLE_A": 1, "TABLE_B": 1, "TABLE_C": 1}
+    # so its final save cannot land. /start must not claim COMPLETED: it answers 202
+    # when its wait is over, and the saved outcome follows once the database is back.
+    system = make_system(SAGA_START_WAIT="3")
+    system.set_fault("C", mode="slow", seconds=1, next=1)
+    thread, answer = in_background(system.start)
+    sid = wait_step(system, 2)
+    system.wait_serving("C")
+    system.system.freeze("orchestrator")
+    wait_for(lambda: system.row_counts(sid)["TABLE_C"] == 1, 30, "C to commit")
+    system.server.stop()
+    try:
+        system.system.thaw("orchestrator")
+        join(thread)
+        assert answer["resp"].status_code == 202, answer["resp"].text
+        assert answer["resp"].json()["status"] == "RUNNING"
+    finally:
+        system.server.start()
+    assert system.wait_status(sid) == "COMPLETED"
+    assert [c for c in system.calls(sid) if c[0] == "C"] == [("C", "invoke", 1, "success")]
+    assert system.row_counts(sid) == {"TABLE_A": 1, "TABLE_B": 1, "TABLE_C": 1}
 
 
 def test_database_error_wrapped_by_the_driver_counts_as_unavailable():
@@ -238,3 +238,55 @@ def test_database_error_wrapped_by_the_driver_counts_as_unavailable():
     except mysql.connector.Error as wrapped:
         assert is_unavailable(wrapped)
     assert not is_unavailable(mysql.connector.errors.ProgrammingError("bad SQL"))
+
+
+# --- time, servers, addresses -----------------------------------------------------------
+
+
+def test_leases_and_timestamps_are_utc_on_a_server_in_a_dst_zone(live_system):
+    # The test server runs in America/New_York. Had the engine used the server's local
+    # time, the lease would be 4-5 hours away from UTC and a daylight-saving change would
+    # stretch or cut every lease by an hour.
+    assert live_system.server.root("SELECT @@system_time_zone")[0][0] in ("EST", "EDT")
+    live_system.set_fault("B", mode="slow", seconds=0.8, next=1)
+    thread, _ = in_background(live_system.start)
+    live_system.wait_serving("B")
+    (lease_left, created_ago), = live_system.query(
+        "SELECT TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(3), lease_until) / 1e6, "
+        "TIMESTAMPDIFF(MICROSECOND, created_at, UTC_TIMESTAMP(3)) / 1e6 FROM SAGA")
+    assert 0 < lease_left <= 1.0, lease_left          # SAGA_LEASE_SECONDS=1
+    assert 0 <= created_ago < 60, created_ago
+    join(thread)
+    item = live_system.get("/sagas").json()["sagas"][0]
+    assert item["created_at"].endswith("Z")
+
+
+@pytest.mark.parametrize("process", ["orchestrator", "service_b"])
+def test_process_refuses_to_start_on_a_server_without_skip_locked(tmp_path, process):
+    old = PrivateMariaDB(str(tmp_path / "old"), version="10.5.99-MariaDB")
+    old.install()
+    old.start()
+    try:
+        dbname = old.create_database("saga_old")
+        env = {**os.environ, **system_env(old, dbname), "ORCHESTRATOR_PORT": str(free_port()),
+               "SERVICE_B_PORT": str(free_port())}
+        done = subprocess.run([sys.executable, os.path.join(ROOT, f"{process}.py")], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        old.stop()
+    assert done.returncode == 3, done.stdout + done.stderr
+    said = done.stdout + done.stderr
+    assert "10.5.99" in said and "MariaDB 10.6" in said and "SKIP LOCKED" in said, said
+
+
+def test_unresolvable_service_name_is_said_plainly_and_needs_no_undo(make_system):
+    system = make_system(SERVICE_C_URL="http://no-such-service.invalid:5003")
+    resp = system.start()
+    assert resp.status_code == 502, resp.text
+    sid = resp.json()["saga"]
+    messages = [m for (m,) in system.query("SELECT message FROM SAGA_LOG WHERE saga_id = %s "
+                                           "AND service = 'C' AND action = 'invoke'", (sid,))]
+    assert len(messages) == 3 and all(m.startswith("name not resolved") for m in messages)
+    assert "name not resolved" in resp.json()["reason"]
+    # The request never left: C is not compensated, B and A are.
+    assert [c[0] for c in system.calls(sid) if c[1] == "compensate"] == ["B", "A"]

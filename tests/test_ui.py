@@ -197,10 +197,10 @@ def fault_form(page, service):
 
 # --- the tests ------------------------------------------------------------------------------
 
-def test_served_page_shows_a_completed_saga_and_its_timeline(saga, ui):
-    page = ui.open(saga.url + "/")
-    expect(page.locator("#api")).to_have_text(saga.url)
-    sid = saga.start().json()["saga"]  # started elsewhere: the page finds it by polling
+def test_served_page_shows_a_completed_saga_and_its_timeline(live_system, ui):
+    page = ui.open(live_system.url + "/")
+    expect(page.locator("#api")).to_have_text(live_system.url)
+    sid = live_system.start().json()["saga"]  # started elsewhere: the page finds it by polling
 
     saga_row = row(page, sid)
     expect(saga_row).to_contain_text("john_doe")
@@ -217,7 +217,7 @@ def test_served_page_shows_a_completed_saga_and_its_timeline(saga, ui):
     expect(page.locator("#compensate")).to_be_visible()
     expect(page.locator("#retry")).to_be_hidden()
     # The live tail has the saga's whole story, once each.
-    expect(page.locator(f'#log-rows tr[data-saga="{sid}"]')).to_have_count(len(saga.log(sid)))
+    expect(page.locator(f'#log-rows tr[data-saga="{sid}"]')).to_have_count(len(live_system.log(sid)))
     # The health panel sees all four processes and the database.
     expect(page.locator("#h-orch")).to_have_text("ok")
     expect(page.locator("#h-db")).to_have_text("up")
@@ -226,15 +226,15 @@ def test_served_page_shows_a_completed_saga_and_its_timeline(saga, ui):
     ui.assert_clean()
 
 
-def test_page_opened_from_disk_talks_to_the_api_named_by_the_query(saga, ui):
-    page = ui.open(f"file://{UI}?api={saga.url}")
-    expect(page.locator("#api")).to_have_text(saga.url)
+def test_page_opened_from_disk_talks_to_the_api_named_by_the_query(live_system, ui):
+    page = ui.open(f"file://{UI}?api={live_system.url}")
+    expect(page.locator("#api")).to_have_text(live_system.url)
     result = start_from_page(page, username="from_disk")
     expect(result).to_contain_text("COMPLETED")
     expect(result).to_contain_text("HTTP 200")
     sid = started_id(page)
-    assert saga.saga_row(sid)[0] == "COMPLETED"
-    assert saga.query("SELECT username FROM TABLE_A WHERE saga_id = %s", (sid,)) == [("from_disk",)]
+    assert live_system.saga_row(sid)[0] == "COMPLETED"
+    assert live_system.query("SELECT username FROM TABLE_A WHERE saga_id = %s", (sid,)) == [("from_disk",)]
     status_of(row(page, sid), "COMPLETED")
     expect(page.locator("#detail-id")).to_have_text(sid)  # the saga just started is shown
     # Cross-origin from file://: a PUT with a JSON body (preflighted) works too.
@@ -243,7 +243,7 @@ def test_page_opened_from_disk_talks_to_the_api_named_by_the_query(saga, ui):
     form.get_by_label("Sleep").fill("0.05")
     form.get_by_role("button", name="Apply").click()
     expect(form.locator(".msg")).to_have_text("applied")
-    assert saga.get("/faults").json()["A"]["fault"] == {"mode": "slow", "on": "invoke", "every": 1,
+    assert live_system.get("/faults").json()["A"]["fault"] == {"mode": "slow", "on": "invoke", "every": 1,
                                                         "seconds": 0.05}
     ui.assert_clean()
     # The policy holds from disk too: markup cannot be built from a string.
@@ -252,11 +252,11 @@ def test_page_opened_from_disk_talks_to_the_api_named_by_the_query(saga, ui):
     assert [e for e in ui.console_errors if "requires 'TrustedHTML' assignment" in e]
 
 
-def test_saga_compensated_while_the_page_is_open_appears_live(saga, ui):
-    page = ui.open(saga.url + "/")
+def test_saga_compensated_while_the_page_is_open_appears_live(live_system, ui):
+    page = ui.open(live_system.url + "/")
     page.evaluate("window.stillTheSamePage = true")
-    saga.set_fault("C", mode="reject")
-    resp = saga.start({"username": "undone_live", "address": "1 Undo Rd", "payment": "Visa"})
+    live_system.set_fault("C", mode="reject")
+    resp = live_system.start({"username": "undone_live", "address": "1 Undo Rd", "payment": "Visa"})
     assert resp.status_code == 409, resp.text
     sid = resp.json()["saga"]
 
@@ -272,28 +272,30 @@ def test_saga_compensated_while_the_page_is_open_appears_live(saga, ui):
     comp = page.locator("#lane-comp > li")
     expect(comp).to_have_count(3)
     assert comp.evaluate_all("cards => cards.map(c => c.dataset.service)") == ["C", "B", "A"]
-    for service in "CBA":
+    # C refused, so it wrote nothing and is not undone; B and A are.
+    expect(card(page, "comp", "C")).not_to_have_attribute("data-status", "success")
+    for service in "BA":
         expect(card(page, "comp", service)).to_have_attribute("data-status", "success")
         expect(card(page, "comp", service)).to_contain_text("HTTP 200")
     expect(card(page, "comp", "A")).to_contain_text("compensated (rows removed: 1)")
     expect(page.locator("#compensate")).to_be_hidden()
     page.get_by_text("This saga's log").click()
-    expect(page.locator("#detail-log > tr")).to_have_count(len(saga.log(sid)))
+    expect(page.locator("#detail-log > tr")).to_have_count(len(live_system.log(sid)))
     expect(page.locator("#detail-log > tr").last).to_contain_text("every step undone")
     assert page.evaluate("window.stillTheSamePage") is True  # updated in place, never reloaded
     ui.shot("compensated-timeline")
     ui.assert_clean()
 
 
-def test_fault_set_from_the_page_changes_the_next_sagas_outcome(saga, ui):
-    page = ui.open(saga.url + "/")
+def test_fault_set_from_the_page_changes_the_next_sagas_outcome(live_system, ui):
+    page = ui.open(live_system.url + "/")
     form = fault_form(page, "C")
     form.get_by_label("Mode").select_option("reject")
     form.get_by_role("button", name="Apply").click()
     expect(form.locator(".msg")).to_have_text("applied")
     expect(page.locator("#fault-C-h").locator("xpath=../..")).to_contain_text(
         "Fault: reject on invoke, every call")
-    assert saga.get("/faults").json()["C"]["fault"]["mode"] == "reject"
+    assert live_system.get("/faults").json()["C"]["fault"]["mode"] == "reject"
 
     ui.allow_http_error("/start", 409)
     result = start_from_page(page, username="meets_a_no")
@@ -301,19 +303,19 @@ def test_fault_set_from_the_page_changes_the_next_sagas_outcome(saga, ui):
     expect(result).to_contain_text("HTTP 409")
     expect(result).to_contain_text("C rejected")
     sid = started_id(page)
-    assert saga.row_counts(sid) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    assert live_system.row_counts(sid) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
 
     form.get_by_role("button", name="Turn off").click()
     expect(page.locator("#fault-C-h").locator("xpath=../..")).to_contain_text("Fault: off")
-    assert saga.get("/faults").json()["C"]["fault"]["mode"] == "off"
+    assert live_system.get("/faults").json()["C"]["fault"]["mode"] == "off"
     result = start_from_page(page, username="meets_a_yes")
     expect(result).to_contain_text("COMPLETED")
-    assert saga.row_counts(started_id(page)) == {"TABLE_A": 1, "TABLE_B": 1, "TABLE_C": 1}
+    assert live_system.row_counts(started_id(page)) == {"TABLE_A": 1, "TABLE_B": 1, "TABLE_C": 1}
     ui.assert_clean()
 
 
-def test_fault_form_shows_the_services_validation_message(saga, ui):
-    page = ui.open(saga.url + "/")
+def test_fault_form_shows_the_services_validation_message(live_system, ui):
+    page = ui.open(live_system.url + "/")
     form = fault_form(page, "A")
     form.get_by_label("Mode").select_option("fail")
     form.get_by_label("When").select_option("rate")
@@ -321,14 +323,14 @@ def test_fault_form_shows_the_services_validation_message(saga, ui):
     ui.allow_http_error("/faults/A", 400)
     form.get_by_role("button", name="Apply").click()
     expect(form.locator(".msg")).to_have_text("rate must be a number from 0 to 1 [field: rate]")
-    assert saga.get("/faults").json()["A"]["fault"]["mode"] == "off"
+    assert live_system.get("/faults").json()["A"]["fault"]["mode"] == "off"
     ui.assert_clean()
 
 
-def test_markup_typed_as_a_username_is_shown_as_text_and_runs_nothing(saga, ui):
+def test_markup_typed_as_a_username_is_shown_as_text_and_runs_nothing(live_system, ui):
     hostile = "<img src=x onerror=alert(1)>"
     address = "<script>alert(2)</script>"
-    page = ui.open(saga.url + "/")
+    page = ui.open(live_system.url + "/")
     result = start_from_page(page, username=hostile, address=address)
     expect(result).to_contain_text("COMPLETED")
     sid = started_id(page)
@@ -339,33 +341,33 @@ def test_markup_typed_as_a_username_is_shown_as_text_and_runs_nothing(saga, ui):
     expect(page.locator("img")).to_have_count(0)
     assert page.locator("script").count() == 1  # only the page's own
     assert not [url for url in ui.requests if url.endswith("/x")], "the <img> was parsed"
-    assert saga.get(f"/sagas/{sid}").json()["input"]["username"] == hostile
+    assert live_system.get(f"/sagas/{sid}").json()["input"]["username"] == hostile
     ui.assert_clean()  # no alert() dialog, no console error
 
 
-def test_bad_input_shows_the_apis_message_and_marks_the_field(saga, ui):
-    page = ui.open(saga.url + "/")
+def test_bad_input_shows_the_apis_message_and_marks_the_field(live_system, ui):
+    page = ui.open(live_system.url + "/")
     ui.allow_http_error("/start", 400)
     start_from_page(page, username="   ")
     expect(page.locator("#start-error")).to_have_text("username must not be empty [field: username]")
     username = page.get_by_label("Username", exact=True)
     expect(username).to_have_attribute("aria-invalid", "true")
     expect(username).to_be_focused()
-    assert saga.query("SELECT COUNT(*) FROM SAGA")[0][0] == 0
+    assert live_system.query("SELECT COUNT(*) FROM SAGA")[0][0] == 0
     ui.assert_clean()
 
 
-def test_list_updates_in_place_keeps_the_selection_and_filters_by_status(saga, ui):
-    page = ui.open(saga.url + "/")
-    first = saga.start({"username": "first", "address": "1 St", "payment": "Visa"}).json()["saga"]
+def test_list_updates_in_place_keeps_the_selection_and_filters_by_status(live_system, ui):
+    page = ui.open(live_system.url + "/")
+    first = live_system.start({"username": "first", "address": "1 St", "payment": "Visa"}).json()["saga"]
     first_row = row(page, first)
     status_of(first_row, "COMPLETED")
     first_row.click()
     expect(first_row).to_have_class(re.compile(r"\bselected\b"))
     first_row.evaluate("tr => { tr.sameNode = true; }")
 
-    saga.set_fault("B", mode="reject")
-    second = saga.start({"username": "second", "address": "2 St", "payment": "Visa"}).json()["saga"]
+    live_system.set_fault("B", mode="reject")
+    second = live_system.start({"username": "second", "address": "2 St", "payment": "Visa"}).json()["saga"]
     status_of(row(page, second), "COMPENSATED")
     rows = page.locator("#saga-rows > tr")
     assert rows.evaluate_all("trs => trs.map(tr => tr.dataset.id)") == [second, first]  # newest first
@@ -392,16 +394,16 @@ def test_list_updates_in_place_keeps_the_selection_and_filters_by_status(saga, u
     ui.assert_clean()
 
 
-def test_failed_saga_is_retried_and_a_completed_one_compensated_from_the_page(saga, ui):
+def test_failed_saga_is_retried_and_a_completed_one_compensated_from_the_page(live_system, ui):
     # C says no and B's compensation keeps failing past SAGA_COMPENSATE_FOR: FAILED.
-    saga.set_fault("C", mode="reject")
-    saga.set_fault("B", mode="fail", on="compensate")
-    resp = saga.start({"username": "stuck", "address": "3 St", "payment": "Visa"})
+    live_system.set_fault("C", mode="reject")
+    live_system.set_fault("B", mode="fail", on="compensate")
+    resp = live_system.start({"username": "stuck", "address": "3 St", "payment": "Visa"})
     assert resp.status_code == 502, resp.text
     stuck = resp.json()["saga"]
-    assert saga.saga_row(stuck)[0] == "FAILED"
+    assert live_system.saga_row(stuck)[0] == "FAILED"
 
-    page = ui.open(saga.url + "/")
+    page = ui.open(live_system.url + "/")
     row(page, stuck).click()
     status_of(page.locator("#detail-badge"), "FAILED")
     expect(card(page, "comp", "B")).to_have_attribute("data-status", "failed")
@@ -410,15 +412,15 @@ def test_failed_saga_is_retried_and_a_completed_one_compensated_from_the_page(sa
         re.compile(r"#\d+ failed · HTTP 500"))
     expect(page.locator("#compensate")).to_be_visible()
     ui.shot("failed-timeline")
-    saga.set_fault("B", mode="off")
+    live_system.set_fault("B", mode="off")
     page.get_by_role("button", name="Retry compensation").click()
     expect(page.locator("#action-msg")).to_contain_text("Now COMPENSATED")
     status_of(row(page, stuck), "COMPENSATED")
     expect(card(page, "comp", "B")).to_have_attribute("data-status", "success")
-    assert saga.row_counts(stuck) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    assert live_system.row_counts(stuck) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
 
-    saga.set_fault("C", mode="off")
-    done = saga.start().json()["saga"]
+    live_system.set_fault("C", mode="off")
+    done = live_system.start().json()["saga"]
     row(page, done).click()
     status_of(page.locator("#detail-badge"), "COMPLETED")
     page.get_by_role("button", name="Compensate…").click()
@@ -428,7 +430,7 @@ def test_failed_saga_is_retried_and_a_completed_one_compensated_from_the_page(sa
     status_of(row(page, done), "COMPENSATED")
     for service in "CBA":
         expect(card(page, "comp", service)).to_have_attribute("data-status", "success")
-    assert saga.row_counts(done) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    assert live_system.row_counts(done) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
     ui.assert_clean()
 
 
@@ -451,38 +453,38 @@ def test_operator_actions_ask_for_the_token_when_one_is_set(make_system, ui):
     ui.assert_clean()
 
 
-def test_page_says_when_the_orchestrator_is_down_and_recovers_by_itself(saga, ui):
-    page = ui.open(saga.url + "/")
-    ui.allow_http_error(saga.url + "/", "net")  # refused, or cut off mid-answer
-    saga.system.kill("orchestrator")
-    expect(page.locator("#conn")).to_have_text(f"cannot reach the orchestrator at {saga.url}; retrying")
+def test_page_says_when_the_orchestrator_is_down_and_recovers_by_itself(live_system, ui):
+    page = ui.open(live_system.url + "/")
+    ui.allow_http_error(live_system.url + "/", "net")  # refused, or cut off mid-answer
+    live_system.system.kill("orchestrator")
+    expect(page.locator("#conn")).to_have_text(f"cannot reach the orchestrator at {live_system.url}; retrying")
     expect(page.locator("#h-orch")).to_have_text("down")
-    saga.system.start("orchestrator")
+    live_system.system.start("orchestrator")
     expect(page.locator("#conn")).to_have_text("live")
-    sid = saga.start().json()["saga"]
+    sid = live_system.start().json()["saga"]
     status_of(row(page, sid), "COMPLETED")
     expect(page.locator("#h-orch")).to_have_text("ok")
     ui.assert_clean()
 
 
-def test_screenshot_of_a_busy_monitor(saga, ui):
+def test_screenshot_of_a_busy_monitor(live_system, ui):
     """Not a promise but a picture: a few completed and compensated sagas, the seed's
     failure pattern, one timeline selected. Saved to test-artifacts/; with
     SAGA_UPDATE_SCREENSHOT=1 also to docs/screenshot.png for the README."""
-    page = ui.open(saga.url + "/")
-    saga.set_fault("A", mode="fail", every=2)
-    saga.set_fault("B", mode="crash", every=2)
+    page = ui.open(live_system.url + "/")
+    live_system.set_fault("A", mode="fail", every=2)
+    live_system.set_fault("B", mode="crash", every=2)
     people = [("john_doe", "123 Main St", "Visa"), ("ada", "12 Analytical Way", "Mastercard"),
               ("grace", "1 Compiler Ct", "Amex"), ("linus", "4 Kernel Rd", "Visa")]
     for username, address, payment in people:
-        saga.start({"username": username, "address": address, "payment": payment})
-    saga.set_fault("C", mode="reject", next=1)
-    undone = saga.start({"username": "mallory", "address": "7 Nowhere St",
+        live_system.start({"username": username, "address": address, "payment": payment})
+    live_system.set_fault("C", mode="reject", next=1)
+    undone = live_system.start({"username": "mallory", "address": "7 Nowhere St",
                          "payment": "expired card"}).json()["saga"]
-    saga.start({"username": "zoë", "address": "Straße 1", "payment": "Visa"})
-    saga.set_fault("C", mode="reject", next=1)
-    saga.start({"username": "eve", "address": "9 Side St", "payment": "Visa"})
-    saga.set_fault("C", mode="off")
+    live_system.start({"username": "zoë", "address": "Straße 1", "payment": "Visa"})
+    live_system.set_fault("C", mode="reject", next=1)
+    live_system.start({"username": "eve", "address": "9 Side St", "payment": "Visa"})
+    live_system.set_fault("C", mode="off")
     expect(page.locator("#fault-C-h").locator("xpath=../..")).to_contain_text("Fault: off")
     expect(page.locator("#saga-rows > tr")).to_have_count(7)
     expect(page.locator("#saga-rows > tr.flash")).to_have_count(0)

@@ -28,19 +28,19 @@ BAD_BODIES = [
 ]
 
 
-def assert_nothing_written(saga):
+def assert_nothing_written(live_system):
     for table in ("SAGA", "SAGA_LOG", "TABLE_A", "TABLE_B", "TABLE_C", "STEP_LEDGER"):
-        assert saga.query(f"SELECT COUNT(*) FROM {table}")[0][0] == 0, table
+        assert live_system.query(f"SELECT COUNT(*) FROM {table}")[0][0] == 0, table
 
 
 @pytest.mark.parametrize("body, code, field, problem", BAD_BODIES)
-def test_bad_field_is_named_and_nothing_is_written(saga, body, code, field, problem):
-    resp = saga.post("/start", json=body)
+def test_bad_field_is_named_and_nothing_is_written(live_system, body, code, field, problem):
+    resp = live_system.post("/start", json=body)
     assert resp.status_code == code, resp.text
     answer = resp.json()
     assert answer["field"] == field
     assert problem in answer["error"]
-    assert_nothing_written(saga)
+    assert_nothing_written(live_system)
 
 
 RAW_BODIES = [
@@ -57,11 +57,11 @@ RAW_BODIES = [
 
 
 @pytest.mark.parametrize("raw, content_type, code, problem", RAW_BODIES)
-def test_unreadable_body_is_refused_and_nothing_is_written(saga, raw, content_type, code, problem):
-    resp = saga.post("/start", data=raw, headers={"Content-Type": content_type})
+def test_unreadable_body_is_refused_and_nothing_is_written(live_system, raw, content_type, code, problem):
+    resp = live_system.post("/start", data=raw, headers={"Content-Type": content_type})
     assert resp.status_code == code, resp.text
     assert problem in resp.json()["error"]
-    assert_nothing_written(saga)
+    assert_nothing_written(live_system)
 
 
 @pytest.mark.parametrize("service, body, field", [
@@ -72,19 +72,21 @@ def test_unreadable_body_is_refused_and_nothing_is_written(saga, raw, content_ty
     ("C", {"saga_id": "s1", "user_id": 1}, "payment_method"),
     ("C", {"saga_id": "x" * 37, "user_id": 1, "payment_method": "Visa"}, "saga_id"),
 ])
-def test_services_refuse_bad_invoke_and_write_nothing(saga, service, body, field):
-    resp = requests.post(saga.service(service) + "/invoke", json=body, timeout=5)
+def test_services_refuse_bad_invoke_and_write_nothing(live_system, service, body, field):
+    resp = requests.post(live_system.service(service) + "/invoke", json=body, timeout=5)
     assert resp.status_code == 400
     assert resp.json()["field"] == field
-    assert_nothing_written(saga)
+    assert_nothing_written(live_system)
 
 
-def test_service_b_refuses_a_user_that_does_not_exist(saga):
-    resp = requests.post(saga.service("B") + "/invoke", timeout=5,
+def test_service_b_refuses_a_user_that_does_not_exist_and_remembers_it(live_system):
+    resp = requests.post(live_system.service("B") + "/invoke", timeout=5,
                          json={"saga_id": "s1", "user_id": 999999, "address": "x"})
     assert resp.status_code == 422
     assert resp.json()["field"] == "user_id"
-    assert_nothing_written(saga)
+    assert live_system.row_counts() == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    # The refusal is final: recorded, so a repeat is refused again and never writes.
+    assert live_system.query("SELECT service, state FROM STEP_LEDGER") == [("B", "refused")]
 
 
 @pytest.mark.parametrize("fault, field", [
@@ -96,8 +98,8 @@ def test_service_b_refuses_a_user_that_does_not_exist(saga):
     ({"mode": "fail", "on": "sometimes"}, "on"),
     ({"mode": "fail", "colour": "red"}, "colour"),
 ])
-def test_bad_fault_setting_is_refused_and_leaves_faults_unchanged(saga, fault, field):
-    resp = requests.put(saga.service("A") + "/faults", json=fault, timeout=5)
+def test_bad_fault_setting_is_refused_and_leaves_faults_unchanged(live_system, fault, field):
+    resp = requests.put(live_system.service("A") + "/faults", json=fault, timeout=5)
     assert resp.status_code == 400
     assert resp.json()["field"] == field
-    assert requests.get(saga.service("A") + "/faults", timeout=5).json()["fault"]["mode"] == "off"
+    assert requests.get(live_system.service("A") + "/faults", timeout=5).json()["fault"]["mode"] == "off"

@@ -14,6 +14,9 @@ import mysql.connector
 import requests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)  # the project: its processes and schema.sql
+# Named, so a server reporting a made-up version still gets a collation it knows.
+COLLATION = "utf8mb4_unicode_ci"
 PROCESSES = ("orchestrator", "service_a", "service_b", "service_c")
 SBIN = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/bin", "/usr/local/bin",
         "/opt/homebrew/sbin")
@@ -50,8 +53,10 @@ class PrivateMariaDB:
     """A throwaway MariaDB server in its own data directory, on its own port, so tests
     can restart or kill the database without touching the machine's own server."""
 
-    def __init__(self, basedir, port=None):
+    def __init__(self, basedir, port=None, tz=None, version=None):
         self.basedir = basedir
+        self.tz = tz              # the server's local time zone (TZ), e.g. one with DST
+        self.version = version    # a version string for the server to report
         self.datadir = os.path.join(basedir, "data")
         self.socket = os.path.join(basedir, "mariadb.sock")
         self.port = port or free_port()
@@ -74,7 +79,9 @@ class PrivateMariaDB:
              f"--pid-file={os.path.join(self.basedir, 'mariadb.pid')}",
              f"--log-error={self.log_path}", "--skip-name-resolve",
              "--innodb-buffer-pool-size=256M", "--innodb-flush-log-at-trx-commit=1",
-             "--max-connections=500", *user],
+             "--max-connections=500", *user,
+             *([f"--version={self.version}"] if self.version else [])],
+            env={**os.environ, **({"TZ": self.tz} if self.tz else {})},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self._accepts, 60, "MariaDB to accept connections", 0.1)
 
@@ -82,7 +89,7 @@ class PrivateMariaDB:
         if self.proc.poll() is not None:
             raise RuntimeError(f"mariadbd exited; see {self.log_path}")
         try:
-            mysql.connector.connect(unix_socket=self.socket, user="root").close()
+            mysql.connector.connect(unix_socket=self.socket, user="root", collation=COLLATION).close()
             return True
         except mysql.connector.Error:
             return False
@@ -99,7 +106,8 @@ class PrivateMariaDB:
 
     def root(self, *statements):
         """Run statements as the server's root; returns the last one's rows, if any."""
-        conn = mysql.connector.connect(unix_socket=self.socket, user="root", autocommit=True)
+        conn = mysql.connector.connect(unix_socket=self.socket, user="root", autocommit=True,
+                                       collation=COLLATION)
         try:
             cur = conn.cursor()
             rows = []
@@ -110,19 +118,24 @@ class PrivateMariaDB:
         finally:
             conn.close()
 
-    def create_database(self, name, user="saga", password="saga"):
-        """A fresh database with schema.sql applied, and `user` holding rights on it only."""
+    def create_database(self, name, user="saga", password="saga", schema=None):
+        """A fresh database with schema.sql (or `schema`) applied, and `user` holding
+        rights on it only."""
         self.root(f"DROP DATABASE IF EXISTS `{name}`", f"CREATE DATABASE `{name}` "
                   "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
                   f"CREATE USER IF NOT EXISTS '{user}'@'127.0.0.1' IDENTIFIED BY '{password}'",
                   f"CREATE USER IF NOT EXISTS '{user}'@'localhost' IDENTIFIED BY '{password}'",
                   f"GRANT ALL PRIVILEGES ON `{name}`.* TO '{user}'@'127.0.0.1'",
                   f"GRANT ALL PRIVILEGES ON `{name}`.* TO '{user}'@'localhost'")
-        with open(os.path.join(HERE, "schema.sql"), "rb") as schema:
+        self.apply(name, schema or os.path.join(ROOT, "schema.sql"), user, password)
+        return name
+
+    def apply(self, name, sql_file, user="saga", password="saga"):
+        """Run an SQL file in database `name` with the mariadb client, as `user`."""
+        with open(sql_file, "rb") as sql:
             subprocess.run([find_binary("mariadb", "mysql"), "--no-defaults", "-h127.0.0.1",
                             f"-P{self.port}", f"-u{user}", f"-p{password}", name],
-                           stdin=schema, check=True)
-        return name
+                           stdin=sql, check=True)
 
 
 class System:
@@ -134,14 +147,16 @@ class System:
         # Extra orchestrators ("orchestrator2", ...) share the database and the services.
         self.names = PROCESSES + tuple(f"orchestrator{n}" for n in range(2, orchestrators + 1))
         self.ports = {name: free_port() for name in self.names}
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1",
+        # Ports and URLs of this system first; what the caller gave wins (a test may
+        # point a service URL somewhere else on purpose).
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
                     "ORCHESTRATOR_PORT": str(self.ports["orchestrator"]),
                     "SERVICE_A_PORT": str(self.ports["service_a"]),
                     "SERVICE_B_PORT": str(self.ports["service_b"]),
                     "SERVICE_C_PORT": str(self.ports["service_c"]),
                     "SERVICE_A_URL": f"http://127.0.0.1:{self.ports['service_a']}",
                     "SERVICE_B_URL": f"http://127.0.0.1:{self.ports['service_b']}",
-                    "SERVICE_C_URL": f"http://127.0.0.1:{self.ports['service_c']}"}
+                    "SERVICE_C_URL": f"http://127.0.0.1:{self.ports['service_c']}", **env}
         self.procs = {}
         self.frozen = set()
 
@@ -155,7 +170,7 @@ class System:
             script = "orchestrator.py" if name.startswith("orchestrator") else f"{name}.py"
             env = {**self.env, "ORCHESTRATOR_PORT": str(self.ports[name])}
             self.procs[name] = subprocess.Popen(
-                [sys.executable, os.path.join(HERE, script)], cwd=HERE, env=env,
+                [sys.executable, os.path.join(ROOT, script)], cwd=ROOT, env=env,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             log.close()
         for name in names:

@@ -4,20 +4,20 @@ design (bench/naive/) in the same run on the same machine, and a scale check aga
 100,000 sagas / 1,000,000 log rows.
 
     # against a system that is already running (faults are set through its API)
-    .venv/bin/python bench.py --url http://127.0.0.1:5000 --concurrency 1,8,32 --duration 15
+    .venv/bin/python tools/bench.py --url http://127.0.0.1:5000 --concurrency 1,8,32 --duration 15
 
     # naive vs ours, one private MariaDB, both systems started here, side by side
-    .venv/bin/python bench.py --with-naive --duration 15 --repeat 2
+    .venv/bin/python tools/bench.py --with-naive --duration 15 --repeat 2
 
     # the same, plus variants of ours (other settings, or a copy of the code elsewhere)
-    .venv/bin/python bench.py --with-naive --variant 'w2;SAGA_WEB_WORKERS=2' \
+    .venv/bin/python tools/bench.py --with-naive --variant 'w2;SAGA_WEB_WORKERS=2' \
         --variant 'exp;dir=/tmp/exp'
 
     # fill the database with 100k sagas / 1M log rows and compare with the empty one
-    .venv/bin/python bench.py --scale-check
+    .venv/bin/python tools/bench.py --scale-check
 
     # profile ours at concurrency 8 with py-spy (pip install py-spy into .venv)
-    .venv/bin/python bench.py --with-naive --faults off --concurrency 8 --profile /tmp/prof
+    .venv/bin/python tools/bench.py --with-naive --faults off --concurrency 8 --profile /tmp/prof
 
 Every load run is bounded by --duration seconds (or --count requests) per level, and all
 traffic goes to 127.0.0.1.
@@ -40,6 +40,7 @@ import time
 import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 NAIVE_DIR = os.path.join(HERE, "bench", "naive")
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "bench"))
@@ -314,11 +315,11 @@ class Running:
 class Ours(Running):
     """Our four processes (launcher.System) on their own database."""
 
-    def __init__(self, label, server, dbname, logdir, code_dir=HERE, env=None):
+    def __init__(self, label, server, dbname, logdir, code_dir=ROOT, env=None):
         import launcher
         self.label, self.server, self.dbname = label, server, dbname
         self.code_dir = code_dir
-        launcher.HERE = code_dir              # launcher runs <code_dir>/<name>.py
+        launcher.ROOT = code_dir              # launcher runs <code_dir>/<name>.py
         self.logdir = os.path.join(logdir, label)
         os.makedirs(self.logdir, exist_ok=True)
         server.create_database(dbname)
@@ -327,7 +328,7 @@ class Ours(Running):
                 "SAGA_FAULTS": "off"}
         self.system = launcher.System(self.logdir, {**base, **(env or {})})
         self.system.start()
-        launcher.HERE = HERE
+        launcher.ROOT = ROOT
         self.url = self.system.url()
 
     def cpu_groups(self):

@@ -88,6 +88,7 @@ import mysql.connector
 import requests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from launcher import PrivateMariaDB, System, free_port  # noqa: E402
@@ -141,7 +142,7 @@ class ChaosSystem(System):
             log.write(f"\n===== chaos: starting {name} at {time.strftime('%H:%M:%S')}\n".encode())
             log.flush()
             self.procs[name] = subprocess.Popen(
-                [sys.executable, os.path.join(HERE, f"{script}.py")], cwd=HERE, env=env,
+                [sys.executable, os.path.join(ROOT, f"{script}.py")], cwd=ROOT, env=env,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start(self, *names):
@@ -587,7 +588,7 @@ class Checker:
     def scope(self):
         if self.prefix is None:
             return "", ()
-        return " WHERE username LIKE %s", (self.prefix + "-%",)
+        return " WHERE label LIKE %s", (self.prefix + "-%",)
 
     def active_count(self):
         where, params = self.scope()
@@ -598,7 +599,7 @@ class Checker:
         where, params = self.scope()
         sagas = {sid: (status, bool(rejected), username)
                  for sid, status, rejected, username in self.db.query(
-                     "SELECT id, status, rejected, username FROM SAGA" + where, params)}
+                     "SELECT id, status, rejected, label FROM SAGA" + where, params)}
         rows = {t: defaultdict(list) for t in TABLES}
         for sid, rid in self.db.query("SELECT saga_id, id FROM TABLE_A"):
             rows["TABLE_A"][sid].append((rid, rid))
@@ -1078,7 +1079,7 @@ def main(argv=None):
         if usernames:
             where = ", ".join(["%s"] * len(usernames))
             notes["no_answer_exists"] = db.query(
-                f"SELECT COUNT(*) FROM SAGA WHERE username IN ({where})", tuple(usernames))[0][0]
+                f"SELECT COUNT(*) FROM SAGA WHERE label IN ({where})", tuple(usernames))[0][0]
         timing = {"chaos_phase": stopped - chaos_began, "recover": recovered - recover_began,
                   "settle": settle_total, "total": time.monotonic() - began}
         summary = summarize(args, clients, chaos, checker, outcomes, timing, stuck, notes)

@@ -1,0 +1,127 @@
+"""A service's HTTP face: /invoke and /compensate for the orchestrator, its accounts,
+failure-injection control and health. Each of service_a.py, service_b.py and
+service_c.py is this app with that service's operations."""
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import mysql.connector
+
+from flask import Flask, jsonify, request
+
+from common import Database, Settings, UnsupportedServer, load_settings, purge_interval
+from faults import FaultStore, initial_fault, parse_fault
+from participant.core import Answer, Participant
+from participant.operations import read_accounts
+from serving import new_app, serve, token_ok
+from validation import json_object
+
+log = logging.getLogger("saga")
+
+# A service's calls are short (a transaction or two), so fewer threads than the
+# orchestrator's, whose requests wait for whole sagas.
+SERVICE_THREADS = 16
+
+
+def create_service_app(service: str, operations, settings: Settings | None = None,
+                       faults: FaultStore | None = None) -> Flask:
+    settings = settings or load_settings()
+    app = new_app(f"service_{service.lower()}")
+    db = Database(settings, pool_size=SERVICE_THREADS + 4)
+    faults = faults or FaultStore(initial_fault(settings.faults, service))
+    participant = Participant(service, operations, db, faults, settings)
+    app.extensions["participant"] = participant
+
+    @app.before_request
+    def check_token():
+        if request.path != "/health" and not token_ok(settings):
+            return jsonify({"error": "missing or wrong bearer token"}), 401
+        return None
+
+    @app.get("/health")
+    def health():
+        up = db.ping()
+        return jsonify({"service": service, "status": "ok" if up else "degraded",
+                        "database": "up" if up else "down", "faults": faults.get()["fault"],
+                        "in_flight": participant.in_flight.count}), 200 if up else 503
+
+    @app.post("/invoke")
+    def invoke():
+        with participant.in_flight:
+            return reply(participant.invoke(json_object()))
+
+    @app.post("/compensate")
+    def compensate():
+        with participant.in_flight:
+            return reply(participant.compensate(json_object()))
+
+    @app.get("/accounts")
+    def accounts():
+        with db.transaction() as cur:
+            return jsonify({"accounts": read_accounts(cur, service)})
+
+    @app.get("/balance")
+    def balance():
+        with db.transaction() as cur:
+            account, = read_accounts(cur, service)
+        return jsonify({"account": account["id"], "balance": account["balance"]})
+
+    @app.get("/faults")
+    def get_faults():
+        return jsonify(faults.get())
+
+    @app.put("/faults")
+    def put_faults():
+        fault = parse_fault(json_object())
+        faults.set(fault)
+        log.info("service %s faults set to %s", service, fault)
+        return jsonify(faults.get())
+
+    return app
+
+
+def start_background(app: Flask) -> None:
+    """What each server process runs beside its web threads (started after the fork):
+    the retention of the ledger."""
+    participant = app.extensions["participant"]
+    days = participant.settings.retention_days
+    if days > 0:
+        threading.Thread(target=purge_ledger, args=(participant, days), name="retention",
+                         daemon=True).start()
+
+
+def purge_ledger(participant: Participant, days: float) -> None:
+    while True:
+        try:
+            while participant.db.run(lambda cur: participant.ledger.purge(cur, days)):
+                pass
+        except (mysql.connector.Error, UnsupportedServer) as exc:
+            log.warning("ledger retention pass failed: %s", exc)
+        time.sleep(purge_interval(days))
+
+
+def reply(answer: Answer):
+    """The answer, after applying a fault that strikes once the work is committed."""
+    if answer.after == "crash":
+        log.warning("injected crash after commit: exiting")
+        os._exit(1)
+    if answer.after == "drop":
+        sock = request.environ.get("gunicorn.socket")
+        if sock is None:
+            os._exit(1)
+        log.warning("injected connection drop after commit")
+        sock.shutdown(socket.SHUT_RDWR)
+    return jsonify(answer.body), answer.status
+
+
+def run_service(service: str, create_app) -> None:
+    """`python service_x.py`: serve the service at its configured port."""
+    settings = load_settings()
+    # Made before the server forks, so a replaced worker keeps the same fault state.
+    faults = FaultStore(initial_fault(settings.faults, service))
+    serve(lambda: create_app(settings, faults), settings.ports[service], settings,
+          f"service_{service.lower()}", preload=True, threads=SERVICE_THREADS,
+          on_worker_start=start_background)

@@ -1,0 +1,195 @@
+"""The participant: how a service runs one invoke or compensation of a saga step,
+whatever carried the call (HTTP, a Kafka command, a RabbitMQ event). Every call is
+idempotent by (saga, operation) and a compensation is final, both decided by the
+database's ledger key, not by Python; a repeated call is answered from the ledger before
+any business rule or injected fault, so a refusal can never follow a commit."""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import mysql.connector
+from mysql.connector import errorcode
+
+from common import Database, Settings
+from faults import AFTER_COMMIT, FaultStore, stall_seconds
+from participant.ledger import COMPENSATED, INVOKED, Ledger
+from participant.operations import Operation, Refusal
+from validation import ApiError, reject_unknown_fields, saga_id_field
+
+log = logging.getLogger("saga")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What to answer, and a fault to strike once it is decided ('drop' or 'crash':
+    the carrier makes sure the caller never hears it)."""
+    status: int
+    body: dict
+    after: str = "off"
+
+
+class Participant:
+    def __init__(self, service: str, operations, db: Database, faults: FaultStore,
+                 settings: Settings):
+        self.service, self.db, self.faults, self.settings = service, db, faults, settings
+        self.operations = {op.name: op for op in operations}
+        self.default_op = operations[0].name   # the seed's /invoke names no operation
+        self.ledger = Ledger(service)
+        self.in_flight = InFlight()
+
+    def operation(self, fields: dict) -> Operation:
+        name = fields.get("op", self.default_op)
+        if name not in self.operations:
+            raise ApiError(f"op must be one of {', '.join(self.operations)} at service "
+                           f"{self.service}, not {name!r}", "op")
+        return self.operations[name]
+
+    # -- invoke ------------------------------------------------------------------------
+
+    def invoke(self, fields: dict) -> Answer:
+        saga_id = saga_id_field(fields)
+        op = self.operation(fields)
+        values = op.read(fields)
+        reject_unknown_fields(fields, {"saga_id", "op", *op.fields})
+        known = self._replay(saga_id, op, values)
+        if known is not None:
+            return known
+        mode, fault = self.faults.next_fault("invoke")
+        if mode == "fail":
+            return Answer(500, {"error": "injected failure before the transaction",
+                                "fault": fault})
+        if mode == "reject":
+            return self._refuse(saga_id, op, values,
+                                Refusal("rejected: injected business rejection"))
+        time.sleep(stall_seconds(mode, fault, self.settings.read_timeout))
+
+        def work(cur):
+            try:
+                self.ledger.claim(cur, saga_id, op.name, values)
+            except mysql.connector.IntegrityError as exc:
+                if exc.errno != errorcode.ER_DUP_ENTRY:
+                    raise
+                return self._replay(saga_id, op, values, cur)
+            answer = {"status": "success", "saga_id": saga_id, "op": op.name,
+                      **op.apply(cur, saga_id, values)}
+            self.ledger.record_answer(cur, saga_id, op.name, answer)
+            return Answer(200, answer)
+
+        try:
+            # A retry after a COMMIT that was cut off finds its own ledger entry and
+            # replays it, so even that is safe to run again.
+            answer = self.db.run(work, idempotent=True)
+        except Refusal as refusal:
+            return self._refuse(saga_id, op, values, refusal)
+        if mode in AFTER_COMMIT and answer.status == 200:
+            return Answer(answer.status, answer.body, mode)
+        return answer
+
+    def _refuse(self, saga_id: str, op: Operation, values: dict, refusal: Refusal) -> Answer:
+        """Record the refusal, so that a repeat of the call is refused again and a late
+        copy of it can never write."""
+        body = {"status": "refused", "saga_id": saga_id, "op": op.name,
+                "error": refusal.message}
+        if refusal.field:
+            body["field"] = refusal.field
+
+        def work(cur):
+            try:
+                self.ledger.record_refusal(cur, saga_id, op.name, values, body)
+            except mysql.connector.IntegrityError as exc:
+                if exc.errno != errorcode.ER_DUP_ENTRY:
+                    raise
+                return self._replay(saga_id, op, values, cur)
+            return Answer(422, body)
+
+        return self.db.run(work, idempotent=True)
+
+    def _replay(self, saga_id: str, op: Operation, values: dict, cur=None) -> Answer | None:
+        """The answer to a call this service has seen before (None if it has not)."""
+        if cur is None:
+            with self.db.transaction() as cur:
+                entry = self.ledger.find(cur, saga_id, op.name)
+        else:
+            entry = self.ledger.find(cur, saga_id, op.name, "LOCK IN SHARE MODE")
+        if entry is None:
+            return None
+        if entry["state"] == COMPENSATED:
+            return Answer(409, {"status": "compensated", "saga_id": saga_id, "op": op.name,
+                                "error": f"saga {saga_id} was already compensated at "
+                                         f"{self.service} ({op.name}); a late invoke writes "
+                                         "nothing"})
+        first = entry["request"] or {}
+        differs = sorted(k for k in set(first) | set(values) if first.get(k) != values.get(k))
+        if differs:
+            return Answer(409, {"status": "conflict", "saga_id": saga_id, "op": op.name,
+                                "field": differs[0],
+                                "error": f"saga {saga_id} already called {op.name} at "
+                                         f"{self.service} with other values: "
+                                         f"{', '.join(differs)} differ from the first call"})
+        if entry["answer"] is None:  # claimed by a transaction that has not finished
+            return Answer(503, {"error": "the first call for this step is still running"})
+        return Answer(200 if entry["state"] == INVOKED else 422, entry["answer"])
+
+    # -- compensate --------------------------------------------------------------------
+
+    def compensate(self, fields: dict) -> Answer:
+        saga_id = saga_id_field(fields)
+        op = self.operation(fields)
+        reject_unknown_fields(fields, {"saga_id", "op"})
+        if op.undo is None:
+            return Answer(409, {"status": "refused", "saga_id": saga_id, "op": op.name,
+                                "error": f"{op.name} is final and is never undone"})
+        done = self._compensated(saga_id, op)
+        if done is not None:
+            return done
+        mode, fault = self.faults.next_fault("compensate")
+        if mode == "fail":
+            return Answer(500, {"error": "injected failure before the transaction",
+                                "fault": fault})
+        if mode == "reject":
+            return Answer(422, {"error": "rejected: injected rejection of a compensation",
+                                "fault": fault})
+        time.sleep(stall_seconds(mode, fault, self.settings.read_timeout))
+
+        def work(cur):
+            nothing = {"status": "compensated", "saga_id": saga_id, "op": op.name,
+                       "removed": 0, "undone": "nothing to undo"}
+            if self.ledger.place_tombstone(cur, saga_id, op.name, nothing):
+                return Answer(200, nothing)
+            entry = self.ledger.find(cur, saga_id, op.name, "FOR UPDATE")
+            if entry["state"] == COMPENSATED:
+                return Answer(200, entry["answer"] or nothing)
+            answer = nothing
+            if entry["state"] == INVOKED:
+                answer = {**nothing, **op.undo(cur, saga_id, entry["request"], entry["answer"])}
+            self.ledger.mark_compensated(cur, saga_id, op.name, answer)
+            return Answer(200, answer)
+
+        answer = self.db.run(work, idempotent=True)
+        return Answer(answer.status, answer.body, mode if mode in AFTER_COMMIT else "off")
+
+    def _compensated(self, saga_id: str, op: Operation) -> Answer | None:
+        with self.db.transaction() as cur:
+            entry = self.ledger.find(cur, saga_id, op.name)
+        if entry is not None and entry["state"] == COMPENSATED:
+            return Answer(200, entry["answer"])
+        return None
+
+
+class InFlight:
+    """How many calls this process is serving: lets a test or an operator see that a
+    hung call has finished (and so whether a late write could still land)."""
+
+    def __init__(self):
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        with self._lock:
+            self.count += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self.count -= 1

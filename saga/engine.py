@@ -1,0 +1,236 @@
+"""The engine: drives each saga forward step by step and, on a failure, back through its
+compensations in reverse; persists every decision before acting on it; keeps the lease
+of every saga it drives alive. Recovery of other orchestrators' sagas is in
+saga/recovery.py."""
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import mysql.connector
+
+from common import Database, Settings, UnsupportedServer, backoff_delay, is_unavailable
+from saga.errors import LostLease
+from saga.model import ACTIVE, Outcome, Saga, SagaType, Status, StepKind
+from saga.store import LogEntry, SagaStore, saga_event
+
+log = logging.getLogger("saga")
+
+
+class Engine:
+    """One thread per saga at a time (a pool of `drivers`), leases renewed while it works."""
+
+    def __init__(self, settings: Settings, db: Database, transports: dict):
+        self.settings, self.db, self.transports = settings, db, transports
+        self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.store = SagaStore(db, self.owner, settings.lease_seconds, settings.compensate_for)
+        self.executor = ThreadPoolExecutor(settings.drivers, thread_name_prefix="saga")
+        # Saga id -> drivers holding it here. A count, not a set: an operator action can
+        # start a new driver while the one it fenced off is still winding down.
+        self._active = Counter()
+        self._active_lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    # -- starting and running sagas ----------------------------------------------------
+
+    def create(self, saga_type: SagaType, data: dict, key=None, request_hash=None) -> Saga:
+        return self.store.create(saga_type, data, "orchestration", self.settings.transport,
+                                 key, request_hash)
+
+    def run(self, saga: Saga, resumed: bool = False) -> Future:
+        """Drive `saga` on a driver thread; the future gives the saga when it stops."""
+        with self._active_lock:
+            self._active[saga.id] += 1
+        return self.executor.submit(self._drive, saga, resumed)
+
+    def active_ids(self) -> list[str]:
+        with self._active_lock:
+            return list(self._active)
+
+    def _drive(self, saga: Saga, resumed: bool) -> Saga:
+        try:
+            if resumed:
+                self._resume(saga)
+            while saga.status in ACTIVE and not self.stopping.is_set():
+                if saga.wait > 0 and self.stopping.wait(saga.wait):
+                    break
+                if saga.status == Status.RUNNING:
+                    self._invoke_step(saga)
+                else:
+                    self._compensate_step(saga)
+        except LostLease:
+            log.info("saga %s: taken over (its fence moved on); stopping here", saga.id)
+        except Exception:
+            # The lease lapses without renewal and recovery resumes from the saved state.
+            log.exception("saga %s: unexpected error, leaving it to recovery", saga.id)
+        finally:
+            with self._active_lock:
+                self._active[saga.id] -= 1
+                if self._active[saga.id] <= 0:
+                    del self._active[saga.id]
+        return saga
+
+    # -- one step forward or back ------------------------------------------------------
+
+    def _invoke_step(self, saga: Saga) -> None:
+        step = saga.current
+        outcome = self._call(saga, "invoke", {"op": step.op, **saga.call_fields()})
+        entry = self._call_entry(saga, "invoke", outcome)
+        if not outcome.ok:
+            if outcome.reached and not outcome.refused:
+                saga.touched = True
+            return self._after_failure(saga, outcome, [entry])
+        saga.results[step.name] = {k: v for k, v in outcome.body.items()
+                                   if k not in ("status", "saga_id", "op")}
+        entries = [entry]
+        if saga.step + 1 == len(saga.type.steps):
+            saga.status = Status.COMPLETED
+            entries.append(saga_event(saga.id, Status.COMPLETED, "all steps committed"))
+        else:
+            saga.step, saga.attempt, saga.touched = saga.step + 1, 1, False
+        saga.wait = 0.0
+        self._persist(saga, entries)
+
+    def _compensate_step(self, saga: Saga) -> None:
+        outcome = self._call(saga, "compensate", {"op": saga.current.op})
+        entry = self._call_entry(saga, "compensate", outcome)
+        if not outcome.ok:
+            return self._after_failure(saga, outcome, [entry])
+        entries = [entry]
+        if saga.step == 0:
+            saga.status = Status.COMPENSATED
+            entries.append(saga_event(saga.id, Status.COMPENSATED, "every step undone"))
+        else:
+            saga.step, saga.attempt = saga.step - 1, 1
+        saga.wait = 0.0
+        self._persist(saga, entries)
+
+    def _after_failure(self, saga: Saga, outcome: Outcome, entries: list,
+                       check_deadline: bool = True) -> None:
+        """Retry what may succeed; a compensatable step out of attempts, or any refusal,
+        undoes the saga from this step (if it may have written anything) back to the
+        first; a retriable step is retried until it succeeds or is refused; a
+        compensation past its time budget is FAILED."""
+        step = saga.current
+        if saga.status == Status.RUNNING:
+            if step.kind == StepKind.RETRIABLE and not outcome.refused:
+                return self._retry_later(saga, entries)
+            if outcome.retryable and saga.attempt < self.settings.max_attempts:
+                return self._retry_later(saga, entries)
+            return self._begin_compensation(saga, outcome, entries)
+        deadline = saga.compensate_deadline
+        if check_deadline and saga.type.compensation_gives_up and deadline is not None \
+                and time.monotonic() >= deadline:
+            saga.status = Status.FAILED
+            saga.reason = f"compensation of {title(saga)} kept failing: {outcome.message}"
+            entries.append(saga_event(saga.id, Status.FAILED, f"{saga.reason}; needs an operator"))
+            return self._persist(saga, entries)
+        return self._retry_later(saga, entries)
+
+    def _begin_compensation(self, saga: Saga, outcome: Outcome, entries: list) -> None:
+        failed = title(saga)
+        saga.failed_step, saga.rejected = saga.current.name, outcome.refused
+        saga.reason = f"{failed} {'rejected' if outcome.refused else 'failed'}: {outcome.message}"
+        # A step that provably wrote nothing (refused, or never reached) needs no undo;
+        # a retriable step is never undone.
+        first = saga.step if saga.touched and saga.current.kind != StepKind.RETRIABLE \
+            else saga.step - 1
+        saga.attempt, saga.wait = 1, 0.0
+        entries.append(saga_event(saga.id, Status.COMPENSATING, f"undoing: {saga.reason}"))
+        if first < 0:
+            saga.status = Status.COMPENSATED
+            entries.append(saga_event(saga.id, Status.COMPENSATED,
+                                      f"nothing to undo: {failed} wrote nothing"))
+        else:
+            saga.status, saga.step = Status.COMPENSATING, first
+            if saga.type.compensation_gives_up:
+                saga.compensate_deadline = time.monotonic() + self.settings.compensate_for
+        self._persist(saga, entries, new_compensation=True)
+
+    def _retry_later(self, saga: Saga, entries: list) -> None:
+        cap = self.settings.backoff_max
+        delay = backoff_delay(self.settings.backoff_base, cap, saga.attempt)
+        entries[-1] = dataclasses.replace(
+            entries[-1], message=f"{entries[-1].message}; next attempt in {delay:.3f} s")
+        saga.attempt += 1
+        saga.wait = delay
+        self._persist(saga, entries, delay=delay)
+
+    def _resume(self, saga: Saga) -> None:
+        """Carry on with a saga claimed from an owner that stopped renewing its lease."""
+        if saga.wait > 0:
+            # The next call is scheduled for later, so it has not been made yet.
+            note = (f"resumed by {self.owner}; {title(saga)} attempt {saga.attempt} "
+                    "not yet made")
+            return self._persist(saga, [saga_event(saga.id, "RESUMED", note)], delay=saga.wait)
+        # The call the saga was about to make may or may not have been made: count it as
+        # made, with an unknown outcome, so a crash never resets a retry budget.
+        action = "invoke" if saga.status == Status.RUNNING else "compensate"
+        unknown = Outcome(ok=False, refused=False, reached=True, status_code=None,
+                          elapsed_ms=0, message=f"outcome unknown: resumed by {self.owner}")
+        if action == "invoke":
+            saga.touched = True
+        entries = [self._call_entry(saga, action, unknown, status="unknown")]
+        # A compensation resumed past its budget still gets one more try before FAILED.
+        self._after_failure(saga, unknown, entries, check_deadline=False)
+
+    # -- calls and saves ---------------------------------------------------------------
+
+    def _call(self, saga: Saga, action: str, fields: dict) -> Outcome:
+        transport = self.transports[saga.transport]
+        return transport.call(saga.service, action, {"saga_id": saga.id, **fields})
+
+    def _call_entry(self, saga: Saga, action: str, outcome: Outcome, status=None) -> LogEntry:
+        if status is None:
+            status = ("success" if outcome.ok else "rejected" if outcome.refused else "failed")
+        return LogEntry(saga.id, saga.service, status, outcome.message, saga.step + 1,
+                        saga.current.op, action, None, saga.attempt, outcome.status_code,
+                        outcome.elapsed_ms)
+
+    def _persist(self, saga: Saga, entries: list, delay: float = 0.0,
+                 new_compensation: bool = False) -> None:
+        """Save the saga's next state. What a service did is known now and must not be
+        lost to a database hiccup (a deadlock, a lost connection, a full pool): keep
+        trying, with backoff, for as long as the saga is ours. Only LostLease (another
+        owner took it) or shutdown ends this."""
+        failures = 0
+        while True:
+            try:
+                return self.store.save(saga, entries, delay, new_compensation)
+            except (mysql.connector.Error, UnsupportedServer) as exc:
+                if not is_unavailable(exc):
+                    raise
+                failures += 1
+                log.warning("saga %s: saving its state failed (%s); retry %d", saga.id, exc,
+                            failures)
+                if self.stopping.wait(backoff_delay(0.05, 2.0, failures)):
+                    raise
+
+    # -- leases ----------------------------------------------------------------------------
+
+    def start_heartbeat(self) -> None:
+        threading.Thread(target=self._heartbeat_loop, name="lease", daemon=True).start()
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stopping.wait(self.settings.lease_seconds / 4):
+            try:
+                self.store.renew(self.active_ids())
+            except (mysql.connector.Error, UnsupportedServer) as exc:
+                log.warning("lease renewal failed: %s", exc)
+            except Exception:
+                log.exception("lease renewal failed")
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+def title(saga: Saga) -> str:
+    """How a step is named in reasons: 'B' for a registration, 'debit at A' otherwise."""
+    step, service = saga.current.name, saga.service
+    return step if step == service else f"{step} at {service}"

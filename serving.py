@@ -1,0 +1,113 @@
+"""Serving an app: the production server every process runs under, the JSON answer for
+every error, and the bearer-token check."""
+
+import hmac
+import logging
+import sys
+
+import mysql.connector
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from common import ConfigError, Database, Settings, UnsupportedServer, is_unavailable
+from validation import MAX_BODY_BYTES, ApiError
+
+log = logging.getLogger("saga")
+
+
+def new_app(name: str) -> Flask:
+    app = Flask(name)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False
+    install_error_handlers(app)
+    return app
+
+
+def install_error_handlers(app: Flask) -> None:
+    """Every error leaves as JSON; a database that cannot be reached is a 503 so callers
+    retry; anything unexpected is logged and is a 500, which is a bug."""
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc):
+        return jsonify(exc.body()), exc.status
+
+    @app.errorhandler(HTTPException)
+    def _http(exc):
+        if exc.code == 413:
+            return jsonify({"error": f"request body is larger than {MAX_BODY_BYTES} bytes"}), 413
+        resp = jsonify({"error": exc.description or exc.name})
+        for name, value in exc.get_headers():  # e.g. Allow on a 405
+            if name.lower() != "content-type":
+                resp.headers[name] = value
+        return resp, exc.code
+
+    @app.errorhandler(mysql.connector.Error)
+    @app.errorhandler(UnsupportedServer)
+    def _database(exc):
+        if is_unavailable(exc):
+            log.warning("database unavailable on %s %s: %s", request.method, request.path, exc)
+            return jsonify({"error": "database unavailable, try again",
+                            "detail": str(getattr(exc, "msg", None) or exc)}), 503
+        log.exception("database error on %s %s", request.method, request.path)
+        return jsonify({"error": "internal database error"}), 500
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc):
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return jsonify({"error": "internal error"}), 500
+
+
+def token_ok(settings: Settings) -> bool:
+    """True when no token is configured or the request carries the right one."""
+    if not settings.api_token:
+        return True
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode(), settings.api_token.encode())
+
+
+def require_token(settings: Settings) -> None:
+    if not token_ok(settings):
+        raise ApiError("this needs Authorization: Bearer <SAGA_API_TOKEN>", status=401)
+
+
+def serve(app_factory, port: int, settings: Settings, name: str, preload: bool = False,
+          threads: int | None = None, on_worker_start=None) -> None:
+    """Run an app under gunicorn: a production server whose master replaces a worker
+    that dies (the 'crash after commit' fault) while the listening socket stays open.
+    With `preload` the app is built once in the master, so a replacement worker is a
+    fork, ready at once; `on_worker_start(app)` then starts what must run in each worker
+    (threads do not survive a fork)."""
+    from gunicorn.app.base import BaseApplication
+
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    logging.getLogger("mysql.connector").setLevel(logging.WARNING)
+    logging.getLogger("pika").setLevel(logging.WARNING)
+
+    class Server(BaseApplication):
+        def load_config(self):
+            self.cfg.set("bind", f"127.0.0.1:{port}")
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("workers", settings.web_workers)
+            self.cfg.set("threads", threads or settings.web_threads)
+            self.cfg.set("keepalive", 30)
+            self.cfg.set("graceful_timeout", 3)
+            self.cfg.set("timeout", 60)
+            self.cfg.set("proc_name", name)
+            self.cfg.set("control_socket_disable", True)  # one shared default path
+            self.cfg.set("preload_app", preload)
+            self.cfg.set("errorlog", "-")
+            self.cfg.set("loglevel", "info")
+            if on_worker_start:
+                self.cfg.set("post_worker_init", lambda worker: on_worker_start(worker.wsgi))
+
+        def load(self):
+            return app_factory()
+
+    try:
+        Database(settings, 1).check_server()
+        Server().run()
+    except (ConfigError, UnsupportedServer) as exc:
+        log.critical("%s cannot start: %s", name, exc)
+        sys.exit(3)
