@@ -68,6 +68,7 @@ class Settings:
     web_workers: int = 1
     web_threads: int = 32
     drivers: int = 32
+    consumers: int = 4                                  # event consumers per service process
     db_pool_size: int = 0                               # 0: sized from the thread counts
 
 
@@ -94,6 +95,7 @@ def load_settings() -> Settings:
         api_token=os.environ.get("SAGA_API_TOKEN") or None,
         transport=_env("SAGA_TRANSPORT", "http"),
         kafka_bootstrap=_env("KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+        # "off": no choreography (no relay, no consumers, /register answers 503).
         rabbitmq_url=_env("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
         lease_seconds=_env("SAGA_LEASE_SECONDS", 2.0, float, 0.1, 3600),
         recovery_interval=_env("SAGA_RECOVERY_INTERVAL", 0.5, float, 0.01, 3600),
@@ -103,6 +105,7 @@ def load_settings() -> Settings:
         web_workers=_env("SAGA_WEB_WORKERS", 1, int, 1, 64),
         web_threads=_env("SAGA_WEB_THREADS", 32, int, 2, 1000),
         drivers=_env("SAGA_DRIVERS", 32, int, 1, 1000),
+        consumers=_env("SAGA_CONSUMERS", 4, int, 1, 64),
         db_pool_size=_env("SAGA_DB_POOL_SIZE", 0, int, 0, 1000),
     )
     if s.faults not in ("seed", "off"):

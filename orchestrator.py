@@ -4,21 +4,20 @@ the API and ui.html."""
 
 import base64
 import binascii
-import hashlib
 import json
 import os
 import threading
 import time
 from decimal import Decimal
 
-import mysql.connector
 import urllib3
 from flask import Blueprint, current_app, jsonify, request, send_file
 from werkzeug.routing import BaseConverter
 
-from common import SERVICES, Database, UnsupportedServer, load_settings
+from common import SERVICES, Database, load_settings
 from faults import parse_fault
 from openapi import SPEC
+from saga.answers import answer_from_store, answer_of, poll_outcome, request_hash
 from saga.definitions import REGISTRATION, SAGA_TYPES, TRANSFER
 from saga.engine import Engine
 from saga.errors import IllegalTransition, KnownStart
@@ -26,7 +25,7 @@ from saga.model import ACTIVE, MODES, STATES, Saga, Status, StepKind
 from saga.recovery import start_recovery
 from saga.store import iso, saga_event
 from saga.transport import HttpTransport
-from serving import new_app, require_token, serve
+from serving import new_app, require_token, respond, serve
 from validation import (SAGA_ID, ApiError, idempotency_key, json_object,
                         query_choice, query_int, reject_unknown_fields)
 
@@ -73,54 +72,10 @@ class Orchestrator:
             self.waiters.release()
 
     def poll_outcome(self, saga: Saga, deadline: float) -> dict:
-        """For a saga driven elsewhere (another orchestrator took it over, an operator
-        restarted it): read it until it settles or the wait is over."""
-        pause = 0.01
-        while True:
-            answer = self.answer_from_store(saga)
-            if answer["status"] not in ACTIVE or time.monotonic() + pause > deadline:
-                return answer
-            time.sleep(pause)
-            pause = min(pause * 2, 0.25)
+        return poll_outcome(self.engine.store, saga, deadline)
 
     def answer_from_store(self, saga: Saga) -> dict:
-        try:
-            stored = self.engine.store.load(saga.id)
-        except (mysql.connector.Error, UnsupportedServer):
-            stored = None
-        if stored is None:  # the database is down: say only what we know was saved
-            return {"saga": saga.id, "type": saga.type.name, "status": str(saga.saved_status)}
-        return answer_of(stored)
-
-
-def answer_of(saga: Saga) -> dict:
-    body = {"saga": saga.id, "type": saga.type.name, "status": str(saga.status)}
-    if saga.status != Status.COMPLETED:
-        body.update(failed_step=saga.failed_step, reason=saga.reason)
-    if saga.results:
-        body["results"] = saga.results
-    body["_rejected"] = saga.rejected
-    return body
-
-
-def answer_code(answer: dict) -> int:
-    """200 only for a completed saga; 202 still running; 409 undone because a service
-    said no; 502 undone (or stuck FAILED) because a service kept failing."""
-    status = answer["status"]
-    if status in ACTIVE:
-        return 202
-    if status == Status.COMPLETED:
-        return 200
-    if status == Status.COMPENSATED and answer.get("_rejected"):
-        return 409
-    return 502
-
-
-def respond(answer: dict, code: int | None = None, **extra):
-    code = code or answer_code(answer)
-    body = {k: v for k, v in answer.items() if not k.startswith("_")}
-    body.update(extra)
-    return jsonify(body), code
+        return answer_from_store(self.engine.store, saga)
 
 
 def orchestrator() -> Orchestrator:
@@ -138,12 +93,8 @@ def start_saga(saga_type, body: dict):
     reject_unknown_fields(body, {f.name for f in saga_type.fields})
     data = saga_type.read_input(body)
     key = idempotency_key()
-    request_hash = None
-    if key is not None:
-        request_hash = hashlib.sha256(json.dumps(
-            {"type": saga_type.name, "input": data}, sort_keys=True).encode()).hexdigest()
     try:
-        saga = o.engine.create(saga_type, data, key, request_hash)
+        saga = o.engine.create(saga_type, data, key, request_hash(saga_type.name, data))
     except KnownStart as known:
         if not known.same_request:
             raise ApiError("this Idempotency-Key was already used for a different request "

@@ -10,6 +10,7 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from common import ConfigError, Database, Settings, UnsupportedServer, is_unavailable
+from saga.answers import answer_code, public
 from validation import MAX_BODY_BYTES, ApiError
 
 log = logging.getLogger("saga")
@@ -55,6 +56,11 @@ def install_error_handlers(app: Flask) -> None:
     def _unexpected(exc):
         log.exception("unexpected error on %s %s", request.method, request.path)
         return jsonify({"error": "internal error"}), 500
+
+
+def respond(answer: dict, code: int | None = None, **extra):
+    """A saga's answer (saga.answers) as a response: its status decides the code."""
+    return jsonify({**public(answer), **extra}), code or answer_code(answer)
 
 
 def token_ok(settings: Settings) -> bool:

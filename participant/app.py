@@ -14,26 +14,37 @@ from flask import Flask, jsonify, request
 
 from common import Database, Settings, UnsupportedServer, load_settings, purge_interval
 from faults import FaultStore, initial_fault, parse_fault
+from participant.choreography import Choreography
 from participant.core import Answer, Participant
 from participant.operations import read_accounts
-from serving import new_app, serve, token_ok
-from validation import json_object
+from saga.answers import request_hash
+from saga.definitions import REGISTRATION
+from saga.errors import KnownStart
+from serving import new_app, respond, serve, token_ok
+from validation import ApiError, idempotency_key, json_object, reject_unknown_fields
 
 log = logging.getLogger("saga")
 
 # A service's calls are short (a transaction or two), so fewer threads than the
-# orchestrator's, whose requests wait for whole sagas.
+# orchestrator's, whose requests wait for whole sagas; some are kept free of /register
+# requests waiting for their saga.
 SERVICE_THREADS = 16
+RESERVED_THREADS = 8
 
 
 def create_service_app(service: str, operations, settings: Settings | None = None,
                        faults: FaultStore | None = None) -> Flask:
     settings = settings or load_settings()
     app = new_app(f"service_{service.lower()}")
-    db = Database(settings, pool_size=SERVICE_THREADS + 4)
+    db = Database(settings, pool_size=SERVICE_THREADS + settings.consumers + 4)
     faults = faults or FaultStore(initial_fault(settings.faults, service))
     participant = Participant(service, operations, db, faults, settings)
     app.extensions["participant"] = participant
+    choreography = None
+    if settings.rabbitmq_url != "off":
+        choreography = Choreography(service, participant, settings)
+        app.extensions["choreography"] = choreography
+    waiters = threading.BoundedSemaphore(SERVICE_THREADS - RESERVED_THREADS)
 
     @app.before_request
     def check_token():
@@ -57,6 +68,39 @@ def create_service_app(service: str, operations, settings: Settings | None = Non
     def compensate():
         with participant.in_flight:
             return reply(participant.compensate(json_object()))
+
+    @app.post("/register")
+    def register():
+        """Start a choreographed registration here (the service of its first step) and
+        wait for its outcome like /start; the orchestrator is not involved."""
+        if choreography is None or not choreography.starts_sagas:
+            raise ApiError(f"service {service} does not start choreographed registrations"
+                           if choreography else "choreography is off (RABBITMQ_URL=off)",
+                           status=404 if choreography else 503)
+        body = json_object()
+        reject_unknown_fields(body, {f.name for f in REGISTRATION.fields})
+        data = REGISTRATION.read_input(body)
+        key = idempotency_key()
+        try:
+            saga, first = choreography.start(data, key, request_hash(REGISTRATION.name, data))
+        except KnownStart as known:
+            if not known.same_request:
+                raise ApiError("this Idempotency-Key was already used for a different "
+                               f"request (saga {known.saga_id})", "Idempotency-Key",
+                               status=422) from None
+            saga = choreography.store.load(known.saga_id)
+            return respond(choreography.wait(saga, settings.start_wait), repeated=True)
+        if first.status >= 500:
+            return jsonify({"error": f"service {service} could not run the first step; "
+                                     f"nothing was written, try again ({first.body.get('error')})"}), 503
+        if first.after != "off":
+            return reply(first)  # the injected fault strikes after the commit, as for /invoke
+        if not waiters.acquire(blocking=False):
+            return respond(choreography.answer_now(saga))
+        try:
+            return respond(choreography.wait(saga, settings.start_wait))
+        finally:
+            waiters.release()
 
     @app.get("/accounts")
     def accounts():
@@ -85,8 +129,10 @@ def create_service_app(service: str, operations, settings: Settings | None = Non
 
 def start_background(app: Flask) -> None:
     """What each server process runs beside its web threads (started after the fork):
-    the retention of the ledger."""
+    the choreography's relay and consumers, and the retention of the ledger."""
     participant = app.extensions["participant"]
+    if "choreography" in app.extensions:
+        app.extensions["choreography"].start_threads()
     days = participant.settings.retention_days
     if days > 0:
         threading.Thread(target=purge_ledger, args=(participant, days), name="retention",

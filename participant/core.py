@@ -48,7 +48,10 @@ class Participant:
 
     # -- invoke ------------------------------------------------------------------------
 
-    def invoke(self, fields: dict) -> Answer:
+    def invoke(self, fields: dict, on_commit=None, on_refusal=None) -> Answer:
+        """Run the step once. `on_commit(cur, answer)` and `on_refusal(cur, answer)` run
+        inside the transaction that records the outcome (a choreography writes its next
+        event there); a repeated call is answered from the ledger and runs neither."""
         saga_id = saga_id_field(fields)
         op = self.operation(fields)
         values = op.read(fields)
@@ -62,7 +65,7 @@ class Participant:
                                 "fault": fault})
         if mode == "reject":
             return self._refuse(saga_id, op, values,
-                                Refusal("rejected: injected business rejection"))
+                                Refusal("rejected: injected business rejection"), on_refusal)
         time.sleep(stall_seconds(mode, fault, self.settings.read_timeout))
 
         def work(cur):
@@ -75,6 +78,8 @@ class Participant:
             answer = {"status": "success", "saga_id": saga_id, "op": op.name,
                       **op.apply(cur, saga_id, values)}
             self.ledger.record_answer(cur, saga_id, op.name, answer)
+            if on_commit:
+                on_commit(cur, answer)
             return Answer(200, answer)
 
         try:
@@ -82,12 +87,13 @@ class Participant:
             # replays it, so even that is safe to run again.
             answer = self.db.run(work, idempotent=True)
         except Refusal as refusal:
-            return self._refuse(saga_id, op, values, refusal)
+            return self._refuse(saga_id, op, values, refusal, on_refusal)
         if mode in AFTER_COMMIT and answer.status == 200:
             return Answer(answer.status, answer.body, mode)
         return answer
 
-    def _refuse(self, saga_id: str, op: Operation, values: dict, refusal: Refusal) -> Answer:
+    def _refuse(self, saga_id: str, op: Operation, values: dict, refusal: Refusal,
+                on_refusal=None) -> Answer:
         """Record the refusal, so that a repeat of the call is refused again and a late
         copy of it can never write."""
         body = {"status": "refused", "saga_id": saga_id, "op": op.name,
@@ -102,6 +108,8 @@ class Participant:
                 if exc.errno != errorcode.ER_DUP_ENTRY:
                     raise
                 return self._replay(saga_id, op, values, cur)
+            if on_refusal:
+                on_refusal(cur, body)
             return Answer(422, body)
 
         return self.db.run(work, idempotent=True)
@@ -134,7 +142,9 @@ class Participant:
 
     # -- compensate --------------------------------------------------------------------
 
-    def compensate(self, fields: dict) -> Answer:
+    def compensate(self, fields: dict, on_commit=None) -> Answer:
+        """Undo the step (or make sure it never happens). `on_commit(cur, answer)` runs
+        inside the transaction that records it, not for a repeat."""
         saga_id = saga_id_field(fields)
         op = self.operation(fields)
         reject_unknown_fields(fields, {"saga_id", "op"})
@@ -157,18 +167,36 @@ class Participant:
             nothing = {"status": "compensated", "saga_id": saga_id, "op": op.name,
                        "removed": 0, "undone": "nothing to undo"}
             if self.ledger.place_tombstone(cur, saga_id, op.name, nothing):
-                return Answer(200, nothing)
-            entry = self.ledger.find(cur, saga_id, op.name, "FOR UPDATE")
-            if entry["state"] == COMPENSATED:
-                return Answer(200, entry["answer"] or nothing)
-            answer = nothing
-            if entry["state"] == INVOKED:
-                answer = {**nothing, **op.undo(cur, saga_id, entry["request"], entry["answer"])}
-            self.ledger.mark_compensated(cur, saga_id, op.name, answer)
+                answer = nothing
+            else:
+                entry = self.ledger.find(cur, saga_id, op.name, "FOR UPDATE")
+                if entry["state"] == COMPENSATED:
+                    return Answer(200, entry["answer"] or nothing)
+                answer = nothing
+                if entry["state"] == INVOKED:
+                    answer = {**nothing,
+                              **op.undo(cur, saga_id, entry["request"], entry["answer"])}
+                self.ledger.mark_compensated(cur, saga_id, op.name, answer)
+            if on_commit:
+                on_commit(cur, answer)
             return Answer(200, answer)
 
         answer = self.db.run(work, idempotent=True)
         return Answer(answer.status, answer.body, mode if mode in AFTER_COMMIT else "off")
+
+    def give_up(self, saga_id: str, op_name: str, on_commit) -> bool:
+        """A step that kept failing before it could commit: make sure it never will (a
+        tombstone), and run `on_commit(cur)` in that transaction. False if the step has
+        an outcome already (it committed, was refused or was undone meanwhile)."""
+        def work(cur):
+            gave_up = {"status": "compensated", "saga_id": saga_id, "op": op_name,
+                       "removed": 0, "undone": "gave up before it ran"}
+            if not self.ledger.place_tombstone(cur, saga_id, op_name, gave_up):
+                return False
+            on_commit(cur)
+            return True
+
+        return self.db.run(work, idempotent=False)
 
     def _compensated(self, saga_id: str, op: Operation) -> Answer | None:
         with self.db.transaction() as cur:

@@ -105,14 +105,11 @@ class SagaStore:
                request_hash: str | None = None) -> Saga:
         """A new RUNNING saga, leased to this orchestrator, with its STARTED row; with an
         Idempotency-Key, KnownStart if that key already made a saga."""
-        saga = Saga(id=str(uuid.uuid4()), type=saga_type, status=Status.RUNNING, step=0,
-                    attempt=1, input=dict(data), fence=1, revision=1, mode=mode,
-                    transport=transport, saved_status=Status.RUNNING)
+        saga = self.new_saga(str(uuid.uuid4()), saga_type, data, mode, transport)
 
         def insert(cur):
             if key is not None:
-                cur.execute("INSERT INTO START_KEY (idem_key, request_hash, saga_id) "
-                            "VALUES (%s, %s, %s)", (key.encode(), request_hash, saga.id))
+                self.insert_start_key(cur, key, request_hash, saga.id)
             self.insert_saga(cur, saga, self.owner)
 
         try:
@@ -125,6 +122,19 @@ class SagaStore:
                 return self.create(saga_type, data, mode, transport, key, request_hash)
             raise KnownStart(known["saga_id"], known["request_hash"] == request_hash) from None
         return saga
+
+    @staticmethod
+    def new_saga(saga_id: str, saga_type: SagaType, data: dict, mode: str,
+                 transport: str) -> Saga:
+        return Saga(id=saga_id, type=saga_type, status=Status.RUNNING, step=0, attempt=1,
+                    input=dict(data), fence=1, revision=1, mode=mode, transport=transport,
+                    saved_status=Status.RUNNING)
+
+    @staticmethod
+    def insert_start_key(cur, key: str, request_hash: str, saga_id: str) -> None:
+        """IntegrityError (duplicate key) if the key was used before."""
+        cur.execute("INSERT INTO START_KEY (idem_key, request_hash, saga_id) "
+                    "VALUES (%s, %s, %s)", (key.encode(), request_hash, saga_id))
 
     def insert_saga(self, cur, saga: Saga, owner: str | None) -> None:
         cur.execute(
@@ -288,6 +298,11 @@ class SagaStore:
                     "rejected = rejected OR %s WHERE id = %s",
                     (status.value, step, failed_step, reason, rejected, saga_id))
         return True
+
+    @staticmethod
+    def save_results(cur, saga_id: str, results: dict) -> None:
+        cur.execute("UPDATE SAGA SET results = %s WHERE id = %s",
+                    (json.dumps(results, ensure_ascii=False), saga_id))
 
     def note_step(self, cur, saga_id: str, step: int) -> None:
         cur.execute("UPDATE SAGA SET step = %s WHERE id = %s AND step < %s "

@@ -12,6 +12,7 @@ import threading
 from decimal import Decimal
 
 import mysql.connector
+import pika
 import pytest
 import requests
 
@@ -19,7 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from common import SERVICES  # noqa: E402
+from common import SERVICES, Settings  # noqa: E402
+from participant.events import retry_delays, retry_queue, service_queue  # noqa: E402
+from brokers import PrivateRabbitMQ  # noqa: E402
 from launcher import PROCESSES, PrivateMariaDB, System, wait_for  # noqa: E402
 
 # Short timeouts and backoff so failure paths run in well under a second each.
@@ -34,12 +37,23 @@ TEST_ENV = {
     "SAGA_BACKOFF_MAX": "0.2",
     "SAGA_LEASE_SECONDS": "1",
     "SAGA_RECOVERY_INTERVAL": "0.2",
+    "SAGA_CONSUMERS": "2",
 }
 BUSINESS_TABLES = ("TABLE_A", "TABLE_B", "TABLE_C")
 TABLES = ("TABLE_C", "TABLE_B", "TABLE_A", "STEP_LEDGER", "SAGA_LOG", "SAGA", "START_KEY",
           "OUTBOX")
 SEED_INPUT = {"username": "john_doe", "address": "123 Main St", "payment": "Visa"}
 DST_ZONE = "America/New_York"
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory):
+    """A private RabbitMQ node for the choreography. Every system of the session uses
+    it; their queues are named after their database, so they never share events."""
+    broker = PrivateRabbitMQ(str(tmp_path_factory.mktemp("rabbitmq")))
+    broker.start()
+    yield broker
+    broker.stop()
 
 
 @pytest.fixture(scope="session")
@@ -76,14 +90,20 @@ def join(thread, timeout=60):
 class LiveSystem:
     """One running system (database + four processes) and ways to look into it."""
 
-    def __init__(self, server, system, dbname):
+    def __init__(self, server, system, dbname, rabbitmq=None):
         self.server, self.system, self.dbname = server, system, dbname
+        self.rabbitmq = rabbitmq
         self.url = system.url()
 
     # -- HTTP
     def start(self, payload=None, **kwargs):
         return requests.post(self.url + "/start", json=payload or SEED_INPUT, timeout=60,
                              **kwargs)
+
+    def register(self, payload=None, **kwargs):
+        """A choreographed registration, started at service A."""
+        return requests.post(self.service("A") + "/register", json=payload or SEED_INPUT,
+                             timeout=60, **kwargs)
 
     def transfer(self, payload, **kwargs):
         return requests.post(self.url + "/transfer", json=payload, timeout=60, **kwargs)
@@ -147,6 +167,11 @@ class LiveSystem:
         row = self.saga_row(saga_id)
         return row and row[0]
 
+    def events(self, saga_id):
+        """SAGA_LOG rows of one choreographed saga as (service, action, event, status)."""
+        return self.query("SELECT service, action, event, status FROM SAGA_LOG "
+                          "WHERE saga_id = %s AND service <> 'SAGA' ORDER BY id", (saga_id,))
+
     def log(self, saga_id):
         """SAGA_LOG rows of one saga as (service, action, attempt, status), in order."""
         return self.query("SELECT service, action, attempt, status FROM SAGA_LOG "
@@ -205,6 +230,30 @@ class LiveSystem:
         assert self.balances() == expected
         assert all(b >= 0 for b in self.balances().values())
 
+    def purge_queues(self):
+        """Drop events left in this system's queues: a broker that was killed may hand
+        out again messages that were acknowledged before, and the next test's empty
+        ledger could not tell them for repeats."""
+        if self.rabbitmq is None or not self.rabbitmq.alive():
+            return
+        env = self.system.env
+        settings = Settings(db_name=self.dbname, max_attempts=int(env["SAGA_MAX_ATTEMPTS"]),
+                            backoff_base=float(env["SAGA_BACKOFF_BASE"]),
+                            backoff_max=float(env["SAGA_BACKOFF_MAX"]))
+        conn = pika.BlockingConnection(pika.URLParameters(self.rabbitmq.url))
+        try:
+            for service in SERVICES:
+                for queue in [service_queue(settings, service)] + [
+                        retry_queue(settings, service, d) for d in retry_delays(settings)]:
+                    channel = conn.channel()
+                    try:
+                        channel.queue_purge(queue)
+                        channel.close()
+                    except pika.exceptions.ChannelClosedByBroker:
+                        pass  # not declared yet
+        finally:
+            conn.close()
+
     def reset(self):
         """Back to an empty database, faults off, every process running and idle."""
         for name in PROCESSES:
@@ -217,6 +266,7 @@ class LiveSystem:
             self.set_fault(service, mode="off")
         self.wait_quiet()
         self.wait_all_idle()
+        self.purge_queues()
         conn = mysql.connector.connect(host="127.0.0.1", port=self.server.port, user="saga",
                                        password="saga", database=self.dbname, autocommit=True)
         try:
@@ -229,16 +279,17 @@ class LiveSystem:
             conn.close()
 
 
-def system_env(mariadb, dbname, **env):
-    return {**TEST_ENV, "SAGA_DB_PORT": str(mariadb.port), "SAGA_DB_NAME": dbname, **env}
+def system_env(mariadb, dbname, rabbitmq=None, **env):
+    return {**TEST_ENV, "SAGA_DB_PORT": str(mariadb.port), "SAGA_DB_NAME": dbname,
+            "RABBITMQ_URL": rabbitmq.url if rabbitmq else "off", **env}
 
 
 @pytest.fixture(scope="session")
-def _shared_system(mariadb, tmp_path_factory):
+def _shared_system(mariadb, rabbitmq, tmp_path_factory):
     dbname = mariadb.create_database("saga_test")
-    system = System(str(tmp_path_factory.mktemp("logs")), system_env(mariadb, dbname))
+    system = System(str(tmp_path_factory.mktemp("logs")), system_env(mariadb, dbname, rabbitmq))
     system.start()
-    yield LiveSystem(mariadb, system, dbname)
+    yield LiveSystem(mariadb, system, dbname, rabbitmq)
     system.stop()
 
 
@@ -254,16 +305,17 @@ _counter = iter(range(1, 10_000))
 
 
 @pytest.fixture
-def make_system(mariadb, tmp_path):
+def make_system(mariadb, rabbitmq, tmp_path):
     """A separate system on its own database, for tests that need other settings."""
     started = []
 
     def make(orchestrators=1, **env):
         dbname = mariadb.create_database(f"saga_t{next(_counter)}_{os.getpid()}")
-        system = System(str(tmp_path), system_env(mariadb, dbname, **env), orchestrators)
+        system = System(str(tmp_path), system_env(mariadb, dbname, rabbitmq, **env),
+                        orchestrators)
         started.append(system)
         system.start()
-        return LiveSystem(mariadb, system, dbname)
+        return LiveSystem(mariadb, system, dbname, rabbitmq)
 
     yield make
     for system in started:

@@ -26,6 +26,7 @@ import argparse
 import atexit
 import importlib.util
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -75,10 +76,17 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval:
 
 
 def pick_free_port() -> int:
-    """Return a port the kernel just considered free on 127.0.0.1 (ephemeral range)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free right now, drawn below the kernel's ephemeral range (32768 and up):
+    a port the kernel hands out for port 0 is also what it picks for outgoing
+    connections, which could take it before the server we start binds it."""
+    while True:
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def accepts_tcp(port: int) -> bool:

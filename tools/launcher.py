@@ -3,6 +3,7 @@ four saga processes. Used by the tests, chaos.py and bench.py (not by the demo, 
 uses the machine's MariaDB and honcho)."""
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,9 +24,17 @@ SBIN = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/bin", "/usr/local/bin",
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free right now, drawn below the kernel's ephemeral range (32768 and up):
+    a port the kernel hands out for port 0 is also what it picks for outgoing
+    connections, which could take it before the server we start binds it."""
+    while True:
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def find_binary(*names):

@@ -1,0 +1,293 @@
+"""The choreographed registration: the same saga definition, run by the services
+reacting to each other's events, with no orchestrator in the path.
+
+Events are named <saga type>.<operation>.<done|failed|undone>. For the registration:
+A's POST /register stores the user and publishes registration.user.done; B reacts with
+the address and registration.address.done; C with the payment and
+registration.payment.done; A, hearing that, marks the saga COMPLETED. A refusal at C,
+or a handler that still fails after SAGA_MAX_ATTEMPTS deliveries, publishes
+registration.payment.failed: B undoes the address and publishes
+registration.address.undone, and A undoes the user and marks the saga COMPENSATED.
+
+Each reaction commits its business change, its SAGA_LOG row and its next event in one
+transaction (the event goes to OUTBOX, see participant/events.py); the participant's
+ledger makes every reaction idempotent and every undo final, as in orchestration. The
+SAGA row of a choreographed saga is kept by the services that learn its news: A
+creates and finishes it, the service that gives up marks it COMPENSATING."""
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import mysql.connector
+from mysql.connector import errorcode
+
+from common import Settings
+from participant.core import Participant
+from participant.events import Consumer, Outbox, Relay
+from saga.answers import answer_from_store, poll_outcome
+from saga.definitions import REGISTRATION
+from saga.errors import KnownStart
+from saga.model import SagaType, Status
+from saga.store import LogEntry, SagaStore, insert_log, saga_event
+from validation import ApiError
+
+log = logging.getLogger("saga")
+
+DONE, FAILED, UNDONE = "done", "failed", "undone"
+
+
+def event_name(saga_type: SagaType, step: int, outcome: str) -> str:
+    return f"{saga_type.name}.{saga_type.steps[step].op}.{outcome}"
+
+
+@dataclass(frozen=True)
+class Reaction:
+    kind: str      # "invoke" (run my step), "compensate" (undo it) or "finish" (complete)
+    step: int
+
+
+def step_service(saga_type: SagaType, step: int) -> str:
+    # A choreography's routes are fixed when the queues are bound, so each step's
+    # service must not depend on the input (true of the registration).
+    return saga_type.steps[step].service({})
+
+
+def reactions(saga_type: SagaType, service: str) -> dict[str, Reaction]:
+    """Which events `service` reacts to, and how, derived from the definition."""
+    last = len(saga_type.steps) - 1
+    out = {}
+    for k in range(len(saga_type.steps)):
+        if step_service(saga_type, k) != service:
+            continue
+        if k > 0:
+            out[event_name(saga_type, k - 1, DONE)] = Reaction("invoke", k)
+        if k < last:
+            out[event_name(saga_type, k + 1, FAILED)] = Reaction("compensate", k)
+            out[event_name(saga_type, k + 1, UNDONE)] = Reaction("compensate", k)
+    if step_service(saga_type, 0) == service:
+        out[event_name(saga_type, last, DONE)] = Reaction("finish", last)
+    return out
+
+
+def bindings(saga_type: SagaType) -> dict[str, list[str]]:
+    services = {step_service(saga_type, k) for k in range(len(saga_type.steps))}
+    return {s: sorted(reactions(saga_type, s)) for s in sorted(services)}
+
+
+def result_of(answer: dict) -> dict:
+    return {k: v for k, v in answer.items() if k not in ("status", "saga_id", "op")}
+
+
+class Choreography:
+    """One service's part in the choreographed saga: starting it (the first step's
+    service), and reacting to the events it is bound to."""
+
+    def __init__(self, service: str, participant: Participant, settings: Settings,
+                 saga_type: SagaType = REGISTRATION):
+        self.service, self.participant, self.settings = service, participant, settings
+        self.saga_type = saga_type
+        self.db = participant.db
+        self.store = SagaStore(self.db, f"service-{service}", settings.lease_seconds,
+                               settings.compensate_for)
+        self.reactions = reactions(saga_type, service)
+        self.stopping = threading.Event()
+        self.relay = Relay(service, self.db, settings, bindings(saga_type), self.stopping)
+
+    @property
+    def starts_sagas(self) -> bool:
+        return step_service(self.saga_type, 0) == self.service
+
+    def start_threads(self) -> None:
+        self.relay.start()
+        for n in range(self.settings.consumers):
+            Consumer(self.service, self.settings, bindings(self.saga_type), self.handle,
+                     self.stopping, n).start()
+
+    def published(self, cur=None) -> None:
+        """Wake the relay once the transaction holding a new event has committed."""
+        self.relay.wake.set()
+
+    # -- starting a saga ---------------------------------------------------------------
+
+    def start(self, data: dict, key: str | None, request_hash: str | None) -> tuple:
+        """Run the first step and publish its event, all in one transaction with the
+        SAGA row. Returns (saga, Answer of the step)."""
+        saga_type, step = self.saga_type, self.saga_type.steps[0]
+        if key is not None:
+            known = self.store.find_start_key(key)
+            if known is not None:
+                raise KnownStart(known["saga_id"], known["request_hash"] == request_hash)
+        saga_id = str(uuid.uuid4())
+        saga = self.store.new_saga(saga_id, saga_type, data, "choreography", "rabbitmq")
+        payload = {"saga_id": saga_id, "type": saga_type.name, "input": data, "results": {}}
+
+        def begin(cur):
+            if key is not None:
+                self.store.insert_start_key(cur, key, request_hash, saga_id)
+            self.store.insert_saga(cur, saga, owner=None)
+
+        def on_commit(cur, answer):
+            begin(cur)
+            self.emit_done(cur, payload, 0, answer, None, 1)
+
+        def on_refusal(cur, answer):
+            begin(cur)
+            self.log_call(cur, saga_id, 0, "invoke", "rejected", answer["error"], None, 1)
+            reason = f"{step.name} rejected: {answer['error']}"
+            self.store.settle_choreographed(cur, saga_id, Status.COMPENSATED, 0, step.name,
+                                            reason, rejected=True)
+            insert_log(cur, [saga_event(saga_id, Status.COMPENSATING, f"undoing: {reason}"),
+                             saga_event(saga_id, Status.COMPENSATED,
+                                        f"nothing to undo: {step.name} wrote nothing")])
+
+        fields = {"saga_id": saga_id, "op": step.op, **step.build(data, {})}
+        try:
+            answer = self.participant.invoke(fields, on_commit, on_refusal)
+        except mysql.connector.IntegrityError as exc:
+            if key is None or exc.errno != errorcode.ER_DUP_ENTRY:
+                raise
+            known = self.store.find_start_key(key)
+            raise KnownStart(known["saga_id"], known["request_hash"] == request_hash) from None
+        if answer.status == 200:
+            self.published()
+        return saga, answer
+
+    def wait(self, saga, seconds: float) -> dict:
+        return poll_outcome(self.store, saga, time.monotonic() + seconds)
+
+    def answer_now(self, saga) -> dict:
+        return answer_from_store(self.store, saga)
+
+    # -- reacting to events ------------------------------------------------------------
+
+    def handle(self, event: str, payload: dict, attempt: int) -> str:
+        with self.participant.in_flight:
+            return self.react(event, payload, attempt)
+
+    def react(self, event: str, payload: dict, attempt: int) -> str:
+        reaction = self.reactions.get(event)
+        if reaction is None or payload.get("type") != self.saga_type.name:
+            log.warning("service %s: no reaction to %s; dropped", self.service, event)
+            return "done"
+        if reaction.kind == "invoke":
+            return self.run_step(event, payload, reaction.step, attempt)
+        if reaction.kind == "compensate":
+            return self.undo_step(event, payload, reaction.step, attempt)
+        return self.finish(event, payload)
+
+    def run_step(self, event: str, payload: dict, k: int, attempt: int) -> str:
+        saga_id, step = payload["saga_id"], self.saga_type.steps[k]
+
+        def on_commit(cur, answer):
+            self.emit_done(cur, payload, k, answer, event, attempt)
+
+        def on_refusal(cur, answer):
+            self.emit_failed(cur, payload, k, answer["error"], True, event, attempt)
+
+        try:
+            fields = {"saga_id": saga_id, "op": step.op,
+                      **step.build(payload["input"], payload["results"])}
+            answer = self.participant.invoke(fields, on_commit, on_refusal)
+        except (ApiError, KeyError) as exc:
+            # The event cannot be turned into a valid call: that will not change on a
+            # retry. Give up at once, as for a refusal.
+            message = exc.message if isinstance(exc, ApiError) else f"missing {exc}"
+            return self.give_up(event, payload, k, f"bad event: {message}", True, attempt)
+        if answer.status == 200 or answer.status in (409, 422):
+            # Done now, done before (a repeat), refused (its event is out) or given up.
+            if answer.status == 200:
+                self.published()
+            return answer.after if answer.after != "off" else "done"
+        message = answer.body.get("error", f"HTTP {answer.status}")
+        if attempt < self.settings.max_attempts:
+            self.note_failure(saga_id, k, "invoke", message, event, attempt)
+            return "retry"
+        return self.give_up(event, payload, k, f"failed {attempt} times: {message}", False,
+                            attempt)
+
+    def give_up(self, event: str, payload: dict, k: int, reason: str, rejected: bool,
+                attempt: int) -> str:
+        """Out of attempts: make sure the step never runs, and send the undo back."""
+        def on_commit(cur):
+            self.emit_failed(cur, payload, k, reason, rejected, event, attempt)
+
+        if self.participant.give_up(payload["saga_id"], self.saga_type.steps[k].op, on_commit):
+            self.published()
+        return "done"
+
+    def undo_step(self, event: str, payload: dict, k: int, attempt: int) -> str:
+        saga_id, step = payload["saga_id"], self.saga_type.steps[k]
+
+        def on_commit(cur, answer):
+            self.log_call(cur, saga_id, k, "compensate", "success",
+                          f"compensated ({answer.get('undone')})", event, attempt)
+            if k == 0:
+                self.store.settle_choreographed(cur, saga_id, Status.COMPENSATED, 0)
+                insert_log(cur, [saga_event(saga_id, Status.COMPENSATED, "every step undone")])
+            else:
+                Outbox.add(cur, self.service, saga_id, event_name(self.saga_type, k, UNDONE),
+                           payload)
+
+        answer = self.participant.compensate({"saga_id": saga_id, "op": step.op}, on_commit)
+        if answer.status == 200:
+            self.published()
+            return answer.after if answer.after != "off" else "done"
+        # An undo must eventually succeed: it is retried, with backoff, for as long as
+        # it takes (an operator sees it in SAGA_LOG).
+        self.note_failure(saga_id, k, "compensate",
+                          answer.body.get("error", f"HTTP {answer.status}"), event, attempt)
+        return "retry"
+
+    def finish(self, event: str, payload: dict) -> str:
+        saga_id = payload["saga_id"]
+
+        def complete(cur):
+            if self.store.settle_choreographed(cur, saga_id, Status.COMPLETED,
+                                               len(self.saga_type.steps) - 1):
+                self.store.save_results(cur, saga_id, payload["results"])
+                insert_log(cur, [saga_event(saga_id, Status.COMPLETED,
+                                            f"all steps committed (heard {event})")])
+
+        self.db.run(complete)
+        return "done"
+
+    # -- what each reaction writes -----------------------------------------------------
+
+    def emit_done(self, cur, payload: dict, k: int, answer: dict, heard: str,
+                  attempt: int) -> None:
+        saga_id, step = payload["saga_id"], self.saga_type.steps[k]
+        results = {**payload["results"], step.name: result_of(answer)}
+        ids = ", ".join(f"{n}={v}" for n, v in result_of(answer).items())
+        self.log_call(cur, saga_id, k, "invoke", "success", f"committed ({ids})", heard,
+                      attempt)
+        self.store.note_step(cur, saga_id, min(k + 1, len(self.saga_type.steps) - 1))
+        Outbox.add(cur, self.service, saga_id, event_name(self.saga_type, k, DONE),
+                   {**payload, "results": results})
+
+    def emit_failed(self, cur, payload: dict, k: int, reason: str, rejected: bool,
+                    heard: str, attempt: int) -> None:
+        saga_id, step = payload["saga_id"], self.saga_type.steps[k]
+        self.log_call(cur, saga_id, k, "invoke", "rejected" if rejected else "failed",
+                      reason, heard, attempt)
+        why = f"{step.name} {'rejected' if rejected else 'failed'}: {reason}"
+        if self.store.settle_choreographed(cur, saga_id, Status.COMPENSATING, k, step.name,
+                                           why, rejected):
+            insert_log(cur, [saga_event(saga_id, Status.COMPENSATING, f"undoing: {why}")])
+        Outbox.add(cur, self.service, saga_id, event_name(self.saga_type, k, FAILED),
+                   {**payload, "failure": {"step": step.name, "reason": why,
+                                           "rejected": rejected}})
+
+    def log_call(self, cur, saga_id: str, k: int, action: str, status: str, message: str,
+                 heard: str | None, attempt: int) -> None:
+        insert_log(cur, [LogEntry(saga_id, self.service, status, message, k + 1,
+                                  self.saga_type.steps[k].op, action, heard, attempt)])
+
+    def note_failure(self, saga_id: str, k: int, action: str, message: str, heard: str,
+                     attempt: int) -> None:
+        """A failed attempt, logged on its own (nothing else was written)."""
+        self.db.run(lambda cur: self.log_call(
+            cur, saga_id, k, action, "failed", f"{message}; delivered again later", heard,
+            attempt))

@@ -1,0 +1,69 @@
+"""What a client that started a saga is told: the answer's body and HTTP status, the same
+for every way of starting one (/start, /sagas/start, /transfer, a choreographed
+/register), always from what the database holds."""
+
+import hashlib
+import json
+import time
+
+import mysql.connector
+
+from common import UnsupportedServer
+from saga.model import ACTIVE, Saga, Status
+from saga.store import SagaStore
+
+
+def answer_of(saga: Saga) -> dict:
+    body = {"saga": saga.id, "type": saga.type.name, "status": str(saga.status)}
+    if saga.status != Status.COMPLETED:
+        body.update(failed_step=saga.failed_step, reason=saga.reason)
+    if saga.results:
+        body["results"] = saga.results
+    body["_rejected"] = saga.rejected
+    return body
+
+
+def answer_code(answer: dict) -> int:
+    """200 only for a completed saga; 202 still running; 409 undone because a service
+    said no; 502 undone (or stuck FAILED) because a service kept failing."""
+    status = answer["status"]
+    if status in ACTIVE:
+        return 202
+    if status == Status.COMPLETED:
+        return 200
+    if status == Status.COMPENSATED and answer.get("_rejected"):
+        return 409
+    return 502
+
+
+def request_hash(saga_type_name: str, data: dict) -> str:
+    """What an Idempotency-Key is bound to: the saga type and its checked input."""
+    return hashlib.sha256(json.dumps({"type": saga_type_name, "input": data},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def public(answer: dict) -> dict:
+    return {k: v for k, v in answer.items() if not k.startswith("_")}
+
+
+def answer_from_store(store: SagaStore, saga: Saga) -> dict:
+    """The saga as saved; if the database cannot be read, only what is known saved."""
+    try:
+        stored = store.load(saga.id)
+    except (mysql.connector.Error, UnsupportedServer):
+        stored = None
+    if stored is None:
+        return {"saga": saga.id, "type": saga.type.name, "status": str(saga.saved_status)}
+    return answer_of(stored)
+
+
+def poll_outcome(store: SagaStore, saga: Saga, deadline: float) -> dict:
+    """Read the saga until it settles or the deadline (a saga driven elsewhere: by
+    another orchestrator, or by the services' events)."""
+    pause = 0.005
+    while True:
+        answer = answer_from_store(store, saga)
+        if answer["status"] not in ACTIVE or time.monotonic() + pause > deadline:
+            return answer
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
