@@ -25,12 +25,14 @@ install_system_packages() {   # $1 = demo | test
     python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null \
       || missing+=(python3-venv)
     [ "$1" = test ] && ! have chromium && missing+=(chromium)
+    [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || have rabbitmq-server || missing+=(rabbitmq-server)
     if [ ${#missing[@]} -gt 0 ]; then
       echo "==> installing ${missing[*]}"
       apt_install "${missing[@]}"
     fi
   elif have brew; then
     have mariadbd || have mysqld || { echo "==> brew install mariadb"; brew install mariadb; }
+    have rabbitmq-server || { echo "==> brew install rabbitmq"; brew install rabbitmq; }
   else
     echo "Install MariaDB (or MySQL) and python3 yourself, then run this again." >&2
     exit 1
@@ -102,16 +104,34 @@ SQL
     -u"$user" "$name" < schema.sql
 }
 
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+demo_procfile() {   # the four processes, plus the brokers the demo needs that are not running
+  cat Procfile
+  local amqp_port=5672
+  if [ -z "${RABBITMQ_URL:-}" ] && ! port_open "$amqp_port"; then
+    echo "rabbitmq: python tools/brokers.py rabbitmq $amqp_port --dir .demo"
+  fi
+  if [ "${SAGA_TRANSPORT:-http}" = kafka ] && [ -z "${KAFKA_BOOTSTRAP:-}" ] && ! port_open 9092; then
+    echo "kafka: python tools/brokers.py kafka 9092 --dir .demo"
+  fi
+}
+
 case "${1:-}" in
   demo)
     install_system_packages demo
+    install_rabbitmq
     setup_venv
     start_database
     provision_database
+    demo_procfile > .demo.Procfile
     echo "==> starting the orchestrator (:${ORCHESTRATOR_PORT:-5000}) and services A, B, C"
     echo "    try: curl -X POST localhost:5000/start -H 'Content-Type: application/json' \\"
     echo "           -d '{\"username\":\"john_doe\",\"address\":\"123 Main St\",\"payment\":\"Visa\"}'"
-    PATH="$PWD/.venv/bin:$PATH" exec .venv/bin/honcho -f Procfile start
+    echo "    and: curl -X POST localhost:5000/transfer -H 'Content-Type: application/json' -d '{\"amount\": 100}'"
+    echo "    and: curl -X POST localhost:5001/register -H 'Content-Type: application/json' -d '{...the /start body...}'"
+    echo "    monitor: http://127.0.0.1:${ORCHESTRATOR_PORT:-5000}/"
+    PATH="$PWD/.venv/bin:$PATH" exec .venv/bin/honcho -f .demo.Procfile start
     ;;
   upgrade)
     install_system_packages demo

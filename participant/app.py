@@ -57,7 +57,9 @@ def create_service_app(service: str, operations, settings: Settings | None = Non
         up = db.ping()
         return jsonify({"service": service, "status": "ok" if up else "degraded",
                         "database": "up" if up else "down", "faults": faults.get()["fault"],
-                        "in_flight": participant.in_flight.count}), 200 if up else 503
+                        "in_flight": participant.in_flight.count,
+                        **{name: report() for name, report in participant.status.items()}}), \
+            200 if up else 503
 
     @app.post("/invoke")
     def invoke():
@@ -129,10 +131,14 @@ def create_service_app(service: str, operations, settings: Settings | None = Non
 
 def start_background(app: Flask) -> None:
     """What each server process runs beside its web threads (started after the fork):
-    the choreography's relay and consumers, and the retention of the ledger."""
+    the choreography's relay and consumers, the Kafka command worker, and the
+    retention of the ledger."""
     participant = app.extensions["participant"]
     if "choreography" in app.extensions:
         app.extensions["choreography"].start_threads()
+    if participant.settings.transport == "kafka":
+        from participant.kafka_worker import CommandWorker
+        CommandWorker(participant.service, participant, participant.settings).start()
     days = participant.settings.retention_days
     if days > 0:
         threading.Thread(target=purge_ledger, args=(participant, days), name="retention",

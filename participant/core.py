@@ -38,6 +38,7 @@ class Participant:
         self.default_op = operations[0].name   # the seed's /invoke names no operation
         self.ledger = Ledger(service)
         self.in_flight = InFlight()
+        self.status = {}   # name -> callable: what /health adds (e.g. the Kafka worker's)
 
     def operation(self, fields: dict) -> Operation:
         name = fields.get("op", self.default_op)

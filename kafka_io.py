@@ -1,0 +1,81 @@
+"""What the orchestrator and the services share about Kafka: the topics, the client
+settings, and making sure the topics exist (a memory-only broker forgets them when it
+restarts). The database stays the source of truth: Kafka only carries commands and
+replies, and losing them all costs a retry, never a saga."""
+
+import logging
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from common import SERVICES, Settings
+
+log = logging.getLogger("saga")
+
+COMMAND_PARTITIONS = 2   # so two processes of one service can share its commands
+REPLY_PARTITIONS = 1
+
+# Settings measured against Tansu 0.6.0, the broker of the demo and the tests (see
+# tools/brokers.py); all are valid for any Kafka cluster.
+PRODUCER = {
+    "acks": "all",
+    "linger.ms": 0,
+    # Tansu reports a topic's end as the start of its last batch plus one: one message a
+    # batch keeps "start at the end" meaning the end.
+    "batch.num.messages": 1,
+    "socket.nagle.disable": True,
+    "reconnect.backoff.max.ms": 500,
+    # No enable.idempotence: after a broker restart Tansu answers UNKNOWN_PRODUCER_ID to
+    # every epoch bump and the producer wedges. A repeated command is harmless anyway:
+    # the services answer repeats from their ledger.
+    "message.timeout.ms": 5000,
+}
+CONSUMER = {
+    # Tansu holds a fetch for its full wait even when data arrives.
+    "fetch.wait.max.ms": 10,
+    # A group join takes about half the session timeout there.
+    "session.timeout.ms": 2000,
+    "heartbeat.interval.ms": 200,
+    "topic.metadata.refresh.interval.ms": 1000,
+    "socket.nagle.disable": True,
+    "reconnect.backoff.max.ms": 500,
+    "enable.auto.commit": False,
+    "auto.offset.reset": "earliest",
+}
+
+
+def command_topic(settings: Settings, service: str) -> str:
+    # Named after the database, like the RabbitMQ queues: several saga databases can
+    # share one cluster.
+    return f"saga.{settings.db_name}.{service}.commands"
+
+
+def reply_topic(settings: Settings) -> str:
+    return f"saga.{settings.db_name}.replies"
+
+
+def all_topics(settings: Settings) -> dict[str, int]:
+    topics = {command_topic(settings, s): COMMAND_PARTITIONS for s in SERVICES}
+    topics[reply_topic(settings)] = REPLY_PARTITIONS
+    return topics
+
+
+def ensure_topics(settings: Settings, admin: AdminClient | None = None) -> AdminClient:
+    """Create whichever of the topics is missing (idempotent, cheap when all exist)."""
+    admin = admin or AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    wanted = all_topics(settings)
+    existing = admin.list_topics(timeout=5).topics
+    missing = [NewTopic(name, count, 1) for name, count in wanted.items() if name not in existing]
+    if missing:
+        for future in admin.create_topics(missing, request_timeout=10).values():
+            try:
+                future.result(timeout=15)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+        log.info("kafka: created %s", ", ".join(t.topic for t in missing))
+    return admin
+
+
+def client_config(settings: Settings, **extra) -> dict:
+    return {"bootstrap.servers": settings.kafka_bootstrap, **extra}
