@@ -1,14 +1,20 @@
 """The chaos harness, short: sagas from concurrent clients while every process is killed
 and frozen, faults come and go and the database restarts; afterwards every saga is
-all-or-nothing and every answer a client got is true. The long run is
-`python tools/chaos.py --sagas 10000 --clients 16 --db-restarts 3`."""
+all-or-nothing and every answer a client got is true. The bank run does the same with
+money transfers, while a sampler reads every balance from the database every 50 ms. The
+long runs are `python tools/chaos.py --sagas 10000 --clients 16 --db-restarts 3` and
+`python tools/chaos.py --saga transfer --sagas 3000 --clients 16 --orchestrators 2
+--db-restarts 2`."""
 
 import json
 import os
 import subprocess
 import sys
+from decimal import Decimal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROCESSES = ("orchestrator", "orchestrator2", "service_a", "service_b", "service_c")
+SERVICES = ("service_a", "service_b", "service_c")
 
 
 def run_chaos(tmp_path, *args, timeout=150):
@@ -17,26 +23,50 @@ def run_chaos(tmp_path, *args, timeout=150):
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
     summary = json.loads(out.read_text()) if out.exists() else None
-    return proc, summary
-
-
-def test_sagas_stay_all_or_nothing_through_kills_freezes_faults_and_a_database_restart(tmp_path):
-    proc, summary = run_chaos(tmp_path, "--seed", "4242", "--sagas", "100", "--clients", "16",
-                              "--orchestrators", "2", "--db-restarts", "1", "--interval", "0.3")
     violations = summary["violations"] if summary else None
     report = f"violations: {violations}\n...{proc.stdout[-5000:]}{proc.stderr[-3000:]}"
     assert proc.returncode == 0, report
     assert summary is not None and summary["violations"] == [], report
+    return summary, report
+
+
+def assert_chaos_covered(summary, report):
+    """The chaos really happened: both orchestrators and every service were killed and
+    frozen, every service had a fault set, and the database went down and came back."""
     chaos = summary["chaos"]
-    # The chaos really happened: both orchestrators and every service were killed and
-    # frozen, every service had a fault set, and the database went down and came back.
     assert summary["coverage_left"] == [], report
-    for name in ("orchestrator", "orchestrator2", "service_a", "service_b", "service_c"):
+    for name in PROCESSES:
         assert chaos[name].get("kill", 0) >= 1 and chaos[name].get("freeze", 0) >= 1, report
-    for name in ("service_a", "service_b", "service_c"):
+    for name in SERVICES:
         assert chaos[name].get("fault", 0) >= 1, report
     assert len(summary["db_restarts"]) == 1, report
+
+
+def test_sagas_stay_all_or_nothing_through_kills_freezes_faults_and_a_database_restart(tmp_path):
+    summary, report = run_chaos(tmp_path, "--seed", "4242", "--sagas", "100", "--clients", "16",
+                                "--orchestrators", "2", "--db-restarts", "1", "--interval", "0.3")
+    assert_chaos_covered(summary, report)
     # Every saga request ended somewhere, and the database holds each one settled.
     assert summary["stuck"] == 0 and summary["failed"] == 0, report
     assert summary["completed"] + summary["compensated"] == summary["sagas_in_db"], report
     assert summary["completed"] > 0 and summary["answers"].get("200", 0) > 0, report
+
+
+def test_transfers_conserve_money_and_never_overdraw_through_kills_freezes_faults_and_a_database_restart(
+        tmp_path):
+    summary, report = run_chaos(tmp_path, "--saga", "transfer", "--seed", "2024", "--sagas",
+                                "120", "--clients", "16", "--orchestrators", "2",
+                                "--db-restarts", "1", "--interval", "0.3")
+    assert_chaos_covered(summary, report)
+    bank = summary["bank"]
+    # The sampler read the balances all through the run, and never saw one below zero.
+    assert bank["reads"] >= 100 and bank["ledger_audits"] >= 5, report
+    assert all(Decimal(low) >= 0 for low in bank["min_balance_seen"].values()), report
+    # Money is conserved and each balance is what the completed transfers say.
+    assert bank["total"] == bank["opening_total"] == "1750.00", report
+    assert bank["balance_check"] == "checked", report
+    # Transfers completed, some were refused for want of funds, none failed or stuck.
+    assert bank["transfers"] == summary["sagas_in_db"] and summary["stuck"] == 0, report
+    assert bank["failed"] == 0 and bank["completed"] + bank["compensated"] == bank["transfers"]
+    assert bank["completed"] > 0 and bank["refused_insufficient_funds"] > 0, report
+    assert summary["answers"].get("200", 0) > 0, report

@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
 """Chaos harness: run many sagas while processes die, freeze and come back, faults come
-and go and the database restarts, then check DESIGN.md rule 7 (all or nothing) and what
-every client was told, straight from the database.
+and go and the database restarts, then check DESIGN.md rule 7 (all or nothing), the bank
+invariant of the money transfer and what every client was told, straight from the
+database.
 
     python chaos.py                                    # 200 sagas, 8 clients, random seed
     python chaos.py --seed 42 --sagas 1000 --orchestrators 2 --db-restarts 1
     python chaos.py --sagas 10000 --clients 16 --db-restarts 3      # the long run
+    python chaos.py --saga transfer --sagas 3000 --clients 16 --orchestrators 2 --db-restarts 2
+    python chaos.py --saga mixed --sagas 2000 --clients 16         # both saga types at once
+
+--saga picks what the clients run: registrations (the default), money transfers (a
+Jepsen-style bank test) or a mix of the two.
 
 By default it starts everything itself, in a temporary directory: a private MariaDB
 server (launcher.PrivateMariaDB), a fresh database with schema.sql, the orchestrator(s)
@@ -31,6 +37,23 @@ answer: HTTP code, saga id, status. "Connection refused" (nothing was sent) and 
 that dies mid-request is recorded as "no answer": that saga may exist, and must end
 all-or-nothing like every other.
 
+Transfers (--saga transfer, or half of --saga mixed) POST /transfer with a random
+`from` != `to` and a random amount from 0.01 to 300.00 (drawn from the seed and the
+request's number, as a decimal string or now and then a JSON number), so some are
+refused for insufficient funds. Each carries an Idempotency-Key made of the run's tag and
+its number: a transfer that got no answer (or a 503) is sent again with the same key,
+which must answer about the one saga the key made, never move the money twice. The
+chaos also slows services down (a stall shorter than the read timeout) in these runs.
+
+A sampler thread reads every balance straight from the database every 50 ms, in one
+statement (one consistent read), from before the first request to the final check: a
+negative balance at any moment is a violation, and so is a total above the opening
+total (money made from nothing); a total below it is money in flight (debited, not yet
+credited or refunded) and only reported. Every second it also checks, in one consistent
+snapshot, that each balance is its opening minus the debits STEP_LEDGER holds as
+'invoked' plus the credits it holds as 'invoked': a service writes its ledger entry and
+moves the money in one transaction, so this holds at every instant, not only at rest.
+
 Then chaos stops: frozen processes are thawed, dead ones restarted, faults turned off,
 and the harness waits (bounded, polling the database) until no saga is RUNNING or
 COMPENSATING, waits a grace period for late requests to land, and checks in the
@@ -42,10 +65,19 @@ database that:
   - no business row lacks a saga, no saga has two rows in a table;
   - STEP_LEDGER agrees (COMPLETED: 3 'invoked'; COMPENSATED: none 'invoked') and the last
     SAGA event in SAGA_LOG is the saga's status;
-  - every 200 answer said COMPLETED, and its saga is COMPLETED with the row ids the
-    answer gave; every 409 answer's saga is COMPENSATED (rejected), every 502 answer's
-    COMPENSATED or FAILED; every 202 answer's saga exists; /start never answered another
-    code but 503 (the database unavailable: retried, and noted if the database was up);
+  - (transfers) every transfer is COMPLETED, with its debit 'invoked' at `from` and its
+    credit 'invoked' at `to` for the saga's amount and nothing else 'invoked', or
+    COMPENSATED with nothing 'invoked'; FAILED is always a violation (a refund is
+    retried until it lands, whatever --allow-failed says); no balance is negative, the
+    total is the opening total, and each balance is its opening plus the COMPLETED
+    transfers into it minus those out of it, and agrees with STEP_LEDGER; every transfer
+    saga was made through a key of this run, one per key;
+  - every 200 answer said COMPLETED, and its saga is COMPLETED with the row ids (or the
+    amounts debited and credited) the answer gave; every 409 answer's saga is COMPENSATED
+    (rejected), every 502 answer's COMPENSATED or FAILED; every 202 answer's saga exists;
+    each answer names a saga made from what that client sent, and the answers to one
+    key all name one saga; /start and /transfer never answered another code but 503
+    (the database unavailable: retried, and noted if the database was up);
   - no process exited on its own (only the harness kills them), and none logged an
     ERROR (an unexpected exception: a 500). MariaDB's deadlocks are noted, not failed.
 
@@ -59,8 +91,15 @@ Against a running system (--url, repeatable, plus --db-* options or the SAGA_DB_
 variables): the harness cannot kill, freeze or restart processes it did not start, nor
 restart the database, so its chaos is limited to fault injection through the
 orchestrator's API (PUT /faults/<service>, with --token / SAGA_API_TOKEN if set), and its
-checks are limited to the sagas this run created (found by their username prefix) plus
-the global orphan and duplicate checks. It turns every fault off at the end.
+checks are limited to the sagas this run created plus the global orphan and duplicate
+checks. Registrations are found by their username prefix; transfers by the saga each
+of this run's Idempotency-Keys made (START_KEY), which finds even a saga whose answer
+was lost, where a transfer's label ("A→B 12.50") says nothing about who sent it. The
+run does not own the accounts there: the balances are checked against a reading taken
+before the first request plus this run's COMPLETED transfers only if no other transfer
+was running then or was started since; otherwise that check is skipped, with a note
+(as are the total above the opening and the ledger agreement, which need the whole
+database's history). It turns every fault off at the end.
 
 Replaying a seed repeats the same sequence of chaos actions and client inputs; thread
 timing is not replayed exactly, so a replay is likely, not certain, to hit a race again.
@@ -82,7 +121,8 @@ import time
 import traceback
 import uuid
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import Decimal
 
 import mysql.connector
 import requests
@@ -106,6 +146,9 @@ CHAOS_ENV = {
     "SAGA_BACKOFF_MAX": "0.5",
     "SAGA_LEASE_SECONDS": "1",
     "SAGA_RECOVERY_INTERVAL": "0.2",
+    # The harness drives orchestrated sagas; without a broker, the services' event relay
+    # and consumers would only log their failed connections.
+    "RABBITMQ_URL": "off",
 }
 SERVICES = {"A": "service_a", "B": "service_b", "C": "service_c"}
 ACTIVE = ("RUNNING", "COMPENSATING")
@@ -114,6 +157,11 @@ ROW_IDS = {"A": ("TABLE_A", "user_id"), "B": ("TABLE_B", "address_id"),
            "C": ("TABLE_C", "payment_id")}   # what /start's results name each row
 FAULT_MODES = ("fail", "reject", "drop", "crash", "hang")
 PAYMENTS = ("Visa", "Mastercard", "Amex", "IBAN DE89 3704", "💳 card")
+# What the clients run: one saga type, or both at once.
+SAGA_CHOICES = ("registration", "transfer", "mixed")
+ACCOUNTS = tuple(SERVICES)            # one account per service, named by its letter
+MAX_TRANSFER_CENTS = 30000            # transfers of 0.01 to 300.00: some find funds short
+CENT = Decimal("0.01")
 
 
 def say(*parts):
@@ -158,18 +206,63 @@ class Database:
     restarted server costs nothing here."""
 
     def __init__(self, host, port, user, password, name):
+        # UTC, like the processes' own sessions, so times compare with what they wrote.
         self.params = dict(host=host, port=port, user=user, password=password, database=name,
                            autocommit=True, connection_timeout=5, charset="utf8mb4",
-                           collation="utf8mb4_unicode_ci")
+                           collation="utf8mb4_unicode_ci", time_zone="+00:00")
+
+    def connect(self):
+        return mysql.connector.connect(**self.params)
 
     def query(self, sql, params=()):
-        conn = mysql.connector.connect(**self.params)
+        conn = self.connect()
         try:
             cur = conn.cursor()
             cur.execute(sql, params)
             return cur.fetchall() if cur.with_rows else cur.rowcount
         finally:
             conn.close()
+
+
+def money(value) -> Decimal:
+    return Decimal(str(value)).quantize(CENT)
+
+
+def read_accounts(cur):
+    """{account: (opening, balance)} in one statement, so one consistent read."""
+    cur.execute("SELECT id, opening, balance FROM ACCOUNT ORDER BY id")
+    return {a: (money(o), money(b)) for a, o, b in cur.fetchall()}
+
+
+def read_ledger_moves(cur):
+    """{account: money it should hold by STEP_LEDGER, less its opening}: minus every debit
+    still 'invoked' (a refunded one is 'compensated'), plus every credit 'invoked'."""
+    cur.execute("SELECT service, op, SUM(CAST(JSON_VALUE(request, '$.amount') AS "
+                "DECIMAL(14,2))) FROM STEP_LEDGER WHERE state = 'invoked' AND op IN "
+                "('debit', 'credit') GROUP BY service, op")
+    moves = defaultdict(Decimal)
+    for account, op, total in cur.fetchall():
+        moves[account] += money(total) if op == "credit" else -money(total)
+    return moves
+
+
+def ledger_disagreements(accounts, moves):
+    return [f"account {a} holds {balance} but STEP_LEDGER says {opening + moves[a]} "
+            f"(opening {opening}, moved {moves[a]:+})"
+            for a, (opening, balance) in accounts.items() if balance != opening + moves[a]]
+
+
+def consistent_audit(conn):
+    """Balances and ledger sums from one snapshot (a service commits both together)."""
+    cur = conn.cursor()
+    cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+    try:
+        accounts = read_accounts(cur)
+        moves = read_ledger_moves(cur)
+    finally:
+        cur.execute("COMMIT")
+    return accounts, moves
 
 
 # --- the clients --------------------------------------------------------------------------
@@ -185,6 +278,17 @@ class Answer:
     error: str | None
     seconds: float
     at: float = 0.0           # time.monotonic() when the answer (or its absence) came
+    kind: str = "registration"
+    sent: dict = field(default_factory=dict)   # the request's body
+    repeated: bool = False    # answered about the saga an earlier request with its key made
+
+
+@dataclass
+class Request:
+    kind: str                 # the saga type
+    path: str
+    payload: dict
+    key: str | None = None    # Idempotency-Key
 
 
 def not_sent(exc):
@@ -207,10 +311,12 @@ def not_sent(exc):
 
 class Clients:
     """--clients threads taking saga numbers 0..N-1 from a shared counter; each number is
-    one saga request, retried only while nothing can have been made."""
+    one saga request, retried only while nothing can have been made, or (a transfer)
+    under its Idempotency-Key, which makes at most one saga whatever was made before."""
 
-    def __init__(self, urls, sagas, clients, seed, tag, timeout, deadline, retry_for):
-        self.urls, self.sagas, self.clients = urls, sagas, clients
+    def __init__(self, urls, sagas, clients, seed, tag, timeout, deadline, retry_for,
+                 saga="registration"):
+        self.urls, self.sagas, self.clients, self.saga = urls, sagas, clients, saga
         self.seed, self.tag, self.timeout = seed, tag, timeout
         self.deadline, self.retry_for = deadline, retry_for
         self.lock = threading.Lock()
@@ -227,6 +333,31 @@ class Clients:
 
     def username(self, index):
         return f"{self.tag}-{index}"
+
+    def key(self, index):
+        return f"{self.tag}-t{index}"
+
+    def key_prefix(self):
+        return f"{self.tag}-t"
+
+    def request(self, index, rng):
+        """Saga request number `index`. A transfer is drawn from the seed and its number
+        alone, so a replay sends the same transfers whichever client takes them."""
+        pick = random.Random(f"{self.seed}-saga-{index}")
+        kind = self.saga
+        if kind == "mixed":
+            kind = pick.choice(("registration", "transfer"))
+        if kind == "registration":
+            return Request(kind, "/start", {"username": self.username(index),
+                                            "address": f"{index} Chaos Street, Zoë-Stadt",
+                                            "payment": rng.choice(PAYMENTS)})
+        source, target = pick.sample(ACCOUNTS, 2)
+        cents = pick.randint(1, MAX_TRANSFER_CENTS)
+        amount = f"{cents // 100}.{cents % 100:02d}"
+        # Now and then a JSON number, the seed's spelling: the API takes both.
+        payload = {"from": source, "to": target,
+                   "amount": cents / 100 if pick.random() < 0.25 else amount}
+        return Request(kind, "/transfer", payload, self.key(index))
 
     def start(self):
         for k in range(self.clients):
@@ -254,10 +385,7 @@ class Clients:
     def _client(self, k):
         rng = random.Random(f"{self.seed}-client-{k}")
         while (index := self._take()) is not None:
-            payload = {"username": self.username(index),
-                       "address": f"{index} Chaos Street, Zoë-Stadt",
-                       "payment": rng.choice(PAYMENTS)}
-            self._one(k, index, payload, rng)
+            self._one(k, index, self.request(index, rng), rng)
             with self.lock:
                 self.finished += 1
 
@@ -274,15 +402,17 @@ class Clients:
         with self.lock:
             self.answers.append(answer)
 
-    def _one(self, k, index, payload, rng):
+    def _one(self, k, index, req, rng):
         give_up = min(time.monotonic() + self.retry_for, self.deadline + self.retry_for)
+        headers = {"Idempotency-Key": req.key} if req.key else {}
         turn = k
         while True:
             url = self.urls[turn % len(self.urls)]
             turn += 1
             started = time.monotonic()
             try:
-                resp = requests.post(url + "/start", json=payload, timeout=(1, self.timeout))
+                resp = requests.post(url + req.path, json=req.payload, headers=headers,
+                                     timeout=(1, self.timeout))
             except requests.RequestException as exc:
                 if not_sent(exc):
                     if not self._retry("connection refused", give_up):
@@ -291,7 +421,13 @@ class Clients:
                     continue
                 self._record(Answer(index, url, None, None, None, None,
                                     f"{type(exc).__name__}: {str(exc)[:200]}",
-                                    time.monotonic() - started))
+                                    time.monotonic() - started, kind=req.kind,
+                                    sent=req.payload))
+                # With a key, asking again is safe: it answers about the saga the first
+                # request made, if it made one, and makes it if not.
+                if req.key and self._retry("no answer (same key)", give_up):
+                    time.sleep(rng.uniform(0.05, 0.3))
+                    continue
                 return
             try:
                 body = resp.json()
@@ -303,7 +439,9 @@ class Clients:
             if body.get("detail"):
                 error = f"{error} ({body['detail']})"
             answer = Answer(index, url, resp.status_code, body.get("saga"), body.get("status"),
-                            body.get("results"), error, time.monotonic() - started)
+                            body.get("results"), error, time.monotonic() - started,
+                            kind=req.kind, sent=req.payload,
+                            repeated=body.get("repeated") is True)
             self._record(answer)
             if resp.status_code == 503 and answer.saga is None:
                 # The database was unreachable and /start made nothing (or, if its commit
@@ -338,6 +476,9 @@ class Chaos(threading.Thread):
         self.db_windows = []                 # (down, up) in time.monotonic()
         self.db_thread = None
         self.db_rng = random.Random(f"{args.seed}-db")
+        # Transfers also meet slow services (a stall within the read timeout); the
+        # registration runs keep their own list, so their seeds replay as before.
+        self.fault_modes = FAULT_MODES if args.saga == "registration" else FAULT_MODES + ("slow",)
         self.db_thresholds = [(j + 1) * args.sagas / (args.db_restarts + 1)
                               for j in range(args.db_restarts)]
         self.errors = []
@@ -386,7 +527,7 @@ class Chaos(threading.Thread):
         names = self.system.names if self.system else []
         target = self.rng.choice(names) if names else None
         svc = self.rng.choice("ABC")
-        mode = self.rng.choice(FAULT_MODES)
+        mode = self.rng.choice(self.fault_modes)
         trigger = self.rng.choice(("every", "rate", "next"))
         every = self.rng.randint(2, 5)
         rate = round(self.rng.uniform(0.1, 0.5), 2)
@@ -417,6 +558,8 @@ class Chaos(threading.Thread):
                  trigger: {"every": every, "rate": rate, "next": nxt}[trigger]}
         if mode == "hang":
             fault["seconds"] = seconds
+        elif mode == "slow":
+            fault["seconds"] = round(seconds / 4, 2)    # under the 1 s read timeout
         return {"kind": kind, "target": target, "svc": svc, "fault": fault, "delay": delay,
                 "freeze_for": freeze_for, "fault_for": fault_for, "covering": covering}
 
@@ -570,15 +713,125 @@ class Chaos(threading.Thread):
             self.db_thread.join(120)
 
 
+# --- the balance sampler ------------------------------------------------------------------
+
+class BalanceSampler(threading.Thread):
+    """Reads every balance from the database every `period` seconds for the whole run,
+    the way a bank test's reader does: a negative balance is a violation however briefly
+    it lasted, and (when the run owns the database) so is a total above the opening
+    total or, every `audit_every` reads, a balance the ledger does not account for."""
+
+    MAX_REPORTED = 20
+
+    def __init__(self, db, owned, period=0.05, audit_every=20):
+        super().__init__(name="sampler", daemon=True)
+        self.db, self.owned, self.period, self.audit_every = db, owned, period, audit_every
+        self.stop_event = threading.Event()
+        self.reads = 0
+        self.failed_reads = 0          # the database was down or restarting
+        self.audits = 0
+        self.in_flight_reads = 0       # total below the opening total: money in flight
+        self.opening_total = None
+        self.min_balance = {}
+        self.min_total = self.max_total = None
+        self.violations = []
+        self.bad_reads = 0
+        self.errors = []
+
+    def run(self):
+        conn = None
+        try:
+            while not self.stop_event.is_set():
+                began = time.monotonic()
+                try:
+                    if conn is None:
+                        conn = self.db.connect()
+                    self.read(conn)
+                    if self.owned and self.reads % self.audit_every == 0:
+                        self.audit(conn)
+                except mysql.connector.Error:
+                    self.failed_reads += 1
+                    conn = close_quietly(conn)
+                self.stop_event.wait(max(0.0, self.period - (time.monotonic() - began)))
+        except Exception:
+            self.errors.append(traceback.format_exc())
+        finally:
+            close_quietly(conn)
+
+    def read(self, conn):
+        accounts = read_accounts(conn.cursor())
+        self.reads += 1
+        total = sum(balance for _, balance in accounts.values())
+        opening = sum(opening for opening, _ in accounts.values())
+        self.opening_total = opening
+        for account, (_, balance) in accounts.items():
+            if account not in self.min_balance or balance < self.min_balance[account]:
+                self.min_balance[account] = balance
+        self.min_total = total if self.min_total is None else min(self.min_total, total)
+        self.max_total = total if self.max_total is None else max(self.max_total, total)
+        if total < opening:
+            self.in_flight_reads += 1
+        seen = {a: str(b) for a, (_, b) in accounts.items()}
+        if any(balance < 0 for _, balance in accounts.values()):
+            self.report(f"sampler read a negative balance: {seen}")
+        if self.owned and total > opening:
+            self.report(f"sampler read a total of {total}, above the opening {opening} "
+                        f"(money from nothing): {seen}")
+
+    def audit(self, conn):
+        accounts, moves = consistent_audit(conn)
+        self.audits += 1
+        for problem in ledger_disagreements(accounts, moves):
+            self.report(f"sampler, mid-run: {problem}")
+
+    def report(self, text):
+        self.bad_reads += 1
+        if len(self.violations) < self.MAX_REPORTED:
+            self.violations.append(f"{text} (read #{self.reads})")
+
+    def stop(self):
+        self.stop_event.set()
+        self.join(10)
+        if self.bad_reads > len(self.violations):
+            self.violations.append(f"... and {self.bad_reads - len(self.violations)} more "
+                                   "bad readings")
+
+    def figures(self):
+        return {"reads": self.reads, "failed_reads": self.failed_reads,
+                "ledger_audits": self.audits, "reads_with_money_in_flight": self.in_flight_reads,
+                "min_balance_seen": {a: str(b) for a, b in sorted(self.min_balance.items())},
+                "min_total_seen": str(self.min_total) if self.min_total is not None else None,
+                "max_total_seen": str(self.max_total) if self.max_total is not None else None}
+
+
+def close_quietly(conn):
+    if conn is not None:
+        try:
+            conn.close()
+        except Exception:
+            pass
+    return None
+
+
 # --- the checks ---------------------------------------------------------------------------
 
 class Checker:
-    """Rule 7 and the truth of every answer, read straight from the database."""
+    """Rule 7, the bank invariant and the truth of every answer, read straight from the
+    database. With a scope prefix (a shared system) it checks the sagas of this run
+    only: registrations by their username prefix, transfers by this run's keys."""
 
-    def __init__(self, db, scope_prefix=None, allow_failed=False):
+    # Before the first request, how far back a foreign transfer still counts as one that
+    # may move money during the run (one whose insert committed late).
+    BASELINE_MARGIN = 5
+
+    def __init__(self, db, scope_prefix=None, allow_failed=False, key_prefix=None):
         self.db, self.prefix, self.allow_failed = db, scope_prefix, allow_failed
+        self.key_prefix = key_prefix
         self.violations = []
         self.suspects = []        # saga ids to dump
+        self.notes = []
+        self.bank = None          # the bank figures, when the run sent transfers
+        self.baseline = None      # shared system: see take_baseline
 
     def violation(self, text, saga=None):
         self.violations.append(text)
@@ -588,60 +841,77 @@ class Checker:
     def scope(self):
         if self.prefix is None:
             return "", ()
-        return " WHERE label LIKE %s", (self.prefix + "-%",)
+        return (" WHERE ((type = 'registration' AND label LIKE %s) OR id IN "
+                "(SELECT saga_id FROM START_KEY WHERE idem_key LIKE %s))",
+                (self.prefix + "-%", (self.key_prefix + "%").encode()))
 
     def active_count(self):
         where, params = self.scope()
         where = (where + " AND" if where else " WHERE") + " status IN ('RUNNING', 'COMPENSATING')"
         return self.db.query("SELECT COUNT(*) FROM SAGA" + where, params)[0][0]
 
-    def check(self, answers):
+    def key_sagas(self):
+        """{Idempotency-Key: the saga it made} for this run's keys."""
+        if self.key_prefix is None:
+            return {}
+        return {bytes(k).decode(): sid for k, sid in self.db.query(
+            "SELECT idem_key, saga_id FROM START_KEY WHERE idem_key LIKE %s",
+            ((self.key_prefix + "%").encode(),))}
+
+    def take_baseline(self):
+        """Against a shared system, before the first request: the balances, and whether
+        another transfer is under way, so that the end can tell whether this run alone
+        moved money."""
+        since = self.db.query("SELECT NOW(3) - INTERVAL %s SECOND",
+                              (self.BASELINE_MARGIN,))[0][0]
+        running = self.db.query("SELECT COUNT(*) FROM SAGA WHERE type = 'transfer' AND "
+                                "status IN ('RUNNING', 'COMPENSATING')")[0][0]
+        # Recent transfers already settled: they moved their money before the reading.
+        settled = {sid for (sid,) in self.db.query(
+            "SELECT id FROM SAGA WHERE type = 'transfer' AND created_at >= %s AND status "
+            "NOT IN ('RUNNING', 'COMPENSATING')", (since,))}
+        conn = self.db.connect()
+        try:
+            accounts = read_accounts(conn.cursor())
+        finally:
+            conn.close()
+        self.baseline = (since, running, settled, accounts)
+
+    def check(self, answers, keys=None):
         where, params = self.scope()
-        sagas = {sid: (status, bool(rejected), username)
-                 for sid, status, rejected, username in self.db.query(
-                     "SELECT id, status, rejected, label FROM SAGA" + where, params)}
+        sagas = {}
+        for sid, status, rejected, label, kind, data, reason in self.db.query(
+                "SELECT id, status, rejected, label, type, input, reason FROM SAGA" + where,
+                params):
+            sagas[sid] = {"status": status, "rejected": bool(rejected), "label": label,
+                          "type": kind, "input": json.loads(data), "reason": reason or ""}
         rows = {t: defaultdict(list) for t in TABLES}
         for sid, rid in self.db.query("SELECT saga_id, id FROM TABLE_A"):
             rows["TABLE_A"][sid].append((rid, rid))
         for table in ("TABLE_B", "TABLE_C"):
             for sid, rid, user_id in self.db.query(f"SELECT saga_id, id, user_id FROM {table}"):
                 rows[table][sid].append((rid, user_id))
-        ledger = defaultdict(Counter)
-        for sid, state in self.db.query("SELECT saga_id, state FROM STEP_LEDGER"):
-            ledger[sid][state] += 1
+        ledger = defaultdict(list)     # saga id -> [(service, op, state, request)]
+        for sid, service, op, state, request in self.db.query(
+                "SELECT saga_id, service, op, state, request FROM STEP_LEDGER"):
+            ledger[sid].append((service, op, state, json.loads(request) if request else None))
         last_event = {}
         for sid, status in self.db.query("SELECT saga_id, status FROM SAGA_LOG "
                                          "WHERE service = 'SAGA' ORDER BY id"):
             last_event[sid] = status
         all_ids = {r[0] for r in self.db.query("SELECT id FROM SAGA")}
+        key_sagas = self.key_sagas()
 
-        outcomes = Counter(status for status, _, _ in sagas.values())
-        # Rule 7, saga by saga.
-        for sid, (status, rejected, _) in sagas.items():
-            counts = {t: len(rows[t].get(sid, ())) for t in TABLES}
-            if status == "COMPLETED":
-                if counts != {t: 1 for t in TABLES}:
-                    self.violation(f"saga {sid} COMPLETED but rows {counts}", sid)
-                else:
-                    a_id = rows["TABLE_A"][sid][0][0]
-                    for t in ("TABLE_B", "TABLE_C"):
-                        if rows[t][sid][0][1] != a_id:
-                            self.violation(f"saga {sid}: {t}.user_id {rows[t][sid][0][1]} is not "
-                                           f"its TABLE_A row {a_id}", sid)
-                if ledger[sid]["invoked"] != 3:
-                    self.violation(f"saga {sid} COMPLETED but STEP_LEDGER {dict(ledger[sid])}", sid)
-            elif status == "COMPENSATED":
-                if any(counts.values()):
-                    self.violation(f"saga {sid} COMPENSATED but rows {counts}", sid)
-                if ledger[sid]["invoked"]:
-                    self.violation(f"saga {sid} COMPENSATED but STEP_LEDGER "
-                                   f"{dict(ledger[sid])}", sid)
-            elif status == "FAILED":
-                if not self.allow_failed:
-                    self.violation(f"saga {sid} FAILED (rows {counts}); a compensation "
-                                   "could not be made to succeed", sid)
+        outcomes = Counter(saga["status"] for saga in sagas.values())
+        self.outcomes_by_type = defaultdict(Counter)
+        for saga in sagas.values():
+            self.outcomes_by_type[saga["type"]][saga["status"]] += 1
+        for sid, saga in sagas.items():
+            if saga["type"] == "transfer":
+                self.check_transfer(sid, saga, ledger[sid])
             else:
-                self.violation(f"saga {sid} still {status} after the settle timeout (stuck)", sid)
+                self.check_registration(sid, saga["status"], rows, ledger[sid])
+            status = saga["status"]
             if status in ("COMPLETED", "COMPENSATED", "FAILED") and last_event.get(sid) != status:
                 self.violation(f"saga {sid} is {status} but its last SAGA_LOG event is "
                                f"{last_event.get(sid)}", sid)
@@ -653,13 +923,168 @@ class Checker:
                                    "which does not exist")
                 if len(found) > 1:
                     self.violation(f"{t} has {len(found)} rows for saga {sid}", sid)
+        transfers = {sid: saga for sid, saga in sagas.items() if saga["type"] == "transfer"}
+        if keys or transfers:
+            self.check_bank(transfers, ledger, all_ids, key_sagas)
         # What the clients were told.
+        told = defaultdict(set)
         for a in answers:
-            self.check_answer(a, sagas, rows)
+            self.check_answer(a, sagas, rows, key_sagas, keys)
+            if a.saga is not None and a.kind == "transfer":
+                told[a.index].add(a.saga)
+        for index, named in told.items():
+            if len(named) > 1:
+                self.violation(f"transfer request #{index} was answered about {len(named)} "
+                               f"sagas under one Idempotency-Key: {sorted(named)}",
+                               sorted(named)[0])
         return outcomes
 
-    def check_answer(self, a, sagas, rows):
-        said = f"answer {a.code} {a.status} to saga request #{a.index}"
+    def check_registration(self, sid, status, rows, entries):
+        counts = {t: len(rows[t].get(sid, ())) for t in TABLES}
+        invoked = sum(1 for _, _, state, _ in entries if state == "invoked")
+        if status == "COMPLETED":
+            if counts != {t: 1 for t in TABLES}:
+                self.violation(f"saga {sid} COMPLETED but rows {counts}", sid)
+            else:
+                a_id = rows["TABLE_A"][sid][0][0]
+                for t in ("TABLE_B", "TABLE_C"):
+                    if rows[t][sid][0][1] != a_id:
+                        self.violation(f"saga {sid}: {t}.user_id {rows[t][sid][0][1]} is not "
+                                       f"its TABLE_A row {a_id}", sid)
+            if invoked != 3:
+                self.violation(f"saga {sid} COMPLETED but STEP_LEDGER {ledger_states(entries)}",
+                               sid)
+        elif status == "COMPENSATED":
+            if any(counts.values()):
+                self.violation(f"saga {sid} COMPENSATED but rows {counts}", sid)
+            if invoked:
+                self.violation(f"saga {sid} COMPENSATED but STEP_LEDGER "
+                               f"{ledger_states(entries)}", sid)
+        elif status == "FAILED":
+            if not self.allow_failed:
+                self.violation(f"saga {sid} FAILED (rows {counts}); a compensation "
+                               "could not be made to succeed", sid)
+        else:
+            self.violation(f"saga {sid} still {status} after the settle timeout (stuck)", sid)
+
+    def check_transfer(self, sid, saga, entries):
+        """COMPLETED: exactly the debit at `from` and the credit at `to` are 'invoked', each
+        for the saga's amount; COMPENSATED: nothing is 'invoked' (a debit was refunded,
+        refused or never made; a credit was refused or never made)."""
+        status, data = saga["status"], saga["input"]
+        name = f"transfer {sid} ({saga['label']})"
+        invoked = {(svc, op): request for svc, op, state, request in entries
+                   if state == "invoked"}
+        if status == "COMPLETED":
+            want = {(data["from"], "debit"), (data["to"], "credit")}
+            if set(invoked) != want:
+                self.violation(f"{name} COMPLETED but 'invoked' in STEP_LEDGER: "
+                               f"{sorted(invoked) or 'nothing'} (expected the debit at "
+                               f"{data['from']} and the credit at {data['to']})", sid)
+            for (svc, op), request in invoked.items():
+                request = request or {}
+                if request.get("account") != svc or \
+                        money(request.get("amount", 0)) != money(data["amount"]):
+                    self.violation(f"{name}: its {op} at {svc} was for {request}, not "
+                                   f"{data['amount']} on account {svc}", sid)
+        elif status == "COMPENSATED":
+            if invoked:
+                self.violation(f"{name} COMPENSATED but STEP_LEDGER still holds "
+                               f"{sorted(invoked)} 'invoked' (money moved)", sid)
+        elif status == "FAILED":
+            self.violation(f"{name} FAILED: a refund is retried until it lands, so a "
+                           "transfer never fails", sid)
+        else:
+            self.violation(f"{name} still {status} after the settle timeout (stuck)", sid)
+
+    def check_bank(self, transfers, ledger, all_ids, key_sagas):
+        """At quiet: no balance negative; each balance its opening (or, on a shared system,
+        the reading before the run) plus the COMPLETED transfers into it minus those out of
+        it; the total unchanged; the ledger agreeing with every balance."""
+        conn = self.db.connect()
+        try:
+            accounts, moves = consistent_audit(conn)
+        finally:
+            conn.close()
+        delta = defaultdict(Decimal)
+        moved = Decimal("0.00")
+        for saga in transfers.values():
+            if saga["status"] == "COMPLETED":
+                amount = money(saga["input"]["amount"])
+                delta[saga["input"]["from"]] -= amount
+                delta[saga["input"]["to"]] += amount
+                moved += amount
+        for account, (_, balance) in accounts.items():
+            if balance < 0:
+                self.violation(f"account {account} holds {balance}, a negative balance")
+        opening_total = sum(o for o, _ in accounts.values())
+        total = sum(b for _, b in accounts.values())
+        if self.prefix is None:
+            basis, check = {a: o for a, (o, _) in accounts.items()}, "checked"
+            for problem in ledger_disagreements(accounts, moves):
+                self.violation(f"at quiet: {problem}")
+            for sid, entries in ledger.items():
+                moved_here = [(svc, op) for svc, op, state, _ in entries
+                              if state == "invoked" and op in ("debit", "credit")]
+                if moved_here and sid not in all_ids:
+                    self.violation(f"STEP_LEDGER moved money ({moved_here}) for saga {sid}, "
+                                   "which does not exist")
+            made = set(key_sagas.values())
+            for sid in transfers:
+                if sid not in made:
+                    self.violation(f"transfer {sid} ({transfers[sid]['label']}) was not made "
+                                   "by any Idempotency-Key of this run (a second saga for "
+                                   "one request?)", sid)
+        else:
+            basis, check = self.shared_basis(transfers)
+        if basis is not None:
+            if total != sum(basis.values()):
+                self.violation(f"money not conserved: the accounts hold {total}, "
+                               f"{'opened with' if self.prefix is None else 'held'} "
+                               f"{sum(basis.values())}")
+            for account, (_, balance) in accounts.items():
+                expected = basis[account] + delta[account]
+                if balance != expected:
+                    self.violation(f"account {account} holds {balance}, but its "
+                                   f"{'opening' if self.prefix is None else 'reading before the run'}"
+                                   f" {basis[account]} plus the COMPLETED transfers "
+                                   f"({delta[account]:+}) is {expected}")
+        else:
+            self.notes.append(f"balances not checked against the transfers: {check}")
+        counts = Counter(saga["status"] for saga in transfers.values())
+        refused = [saga for saga in transfers.values()
+                   if saga["status"] == "COMPENSATED" and saga["rejected"]]
+        short = sum(1 for saga in refused if "insufficient funds" in saga["reason"])
+        self.bank = {
+            "transfers": len(transfers), "completed": counts.get("COMPLETED", 0),
+            "compensated": counts.get("COMPENSATED", 0), "refused": len(refused),
+            "refused_insufficient_funds": short, "refused_other": len(refused) - short,
+            "failed": counts.get("FAILED", 0), "money_moved": str(moved),
+            "opening": {a: str(o) for a, (o, _) in accounts.items()},
+            "balances": {a: str(b) for a, (_, b) in accounts.items()},
+            "opening_total": str(opening_total), "total": str(total),
+            "balance_check": check}
+
+    def shared_basis(self, transfers):
+        """On a shared system: the balances read before the run, if this run's transfers
+        are the only ones that can have moved money since; (None, why not) otherwise."""
+        if self.baseline is None:
+            return None, "no reading before the run"
+        since, running, settled, accounts = self.baseline
+        if running:
+            return None, (f"{running} other transfer(s) were running when the run began "
+                          "(the run does not own the accounts)")
+        others = [sid for (sid,) in self.db.query(
+            "SELECT id FROM SAGA WHERE type = 'transfer' AND created_at >= %s", (since,))
+            if sid not in transfers and sid not in settled]
+        if others:
+            return None, (f"{len(others)} other transfer(s) were started during the run "
+                          "(the run does not own the accounts)")
+        return ({a: b for a, (_, b) in accounts.items()},
+                "checked against the reading before the run (no one else moved money)")
+
+    def check_answer(self, a, sagas, rows, key_sagas, keys):
+        said = f"answer {a.code} {a.status} to {a.kind} request #{a.index}"
         if a.code is None:
             return
         if a.code == 503 and a.saga is None:
@@ -668,13 +1093,30 @@ class Checker:
             return self.violation(f"{said} ({a.url}) carried no saga id: {a.error}")
         if a.saga not in sagas:
             return self.violation(f"{said}: saga {a.saga} is not in the database", a.saga)
-        status, rejected, _ = sagas[a.saga]
+        saga = sagas[a.saga]
+        status, rejected = saga["status"], saga["rejected"]
+        if a.kind == "transfer":
+            data = saga["input"]
+            if saga["type"] != "transfer" or data.get("from") != a.sent["from"] or \
+                    data.get("to") != a.sent["to"] or \
+                    money(data.get("amount", 0)) != money(a.sent["amount"]):
+                self.violation(f"{said}: saga {a.saga} is {saga['type']} {data}, not the "
+                               f"transfer {a.sent} that was sent", a.saga)
+            key = keys(a.index) if keys else None
+            if key is not None and key_sagas.get(key) != a.saga:
+                self.violation(f"{said}: its Idempotency-Key made saga "
+                               f"{key_sagas.get(key)}, not {a.saga}", a.saga)
+        elif saga["type"] != "registration" or saga["label"] != a.sent.get("username"):
+            self.violation(f"{said}: saga {a.saga} is {saga['type']} {saga['label']!r}, not "
+                           f"the registration of {a.sent.get('username')!r}", a.saga)
         if a.code == 200:
             if a.status != "COMPLETED":
                 self.violation(f"{said}: 200 with status {a.status}", a.saga)
             if status != "COMPLETED":
                 self.violation(f"{said}: the client was told COMPLETED but saga {a.saga} "
                                f"is {status}", a.saga)
+            elif isinstance(a.results, dict) and a.kind == "transfer":
+                self.check_transfer_results(said, a, saga["input"])
             elif isinstance(a.results, dict):
                 for svc, (t, id_name) in ROW_IDS.items():
                     rid = (a.results.get(svc) or {}).get(id_name)
@@ -695,19 +1137,32 @@ class Checker:
             if status not in ("COMPENSATED", "FAILED"):
                 self.violation(f"{said}: saga {a.saga} is {status}", a.saga)
         else:
-            self.violation(f"{said}: unexpected HTTP {a.code} from /start: {a.error}", a.saga)
+            self.violation(f"{said}: unexpected HTTP {a.code}: {a.error}", a.saga)
+
+    def check_transfer_results(self, said, a, data):
+        """A 200 names what was debited and credited: the saga's amount, on its accounts."""
+        for step, account, verb in (("debit", data["from"], "debited"),
+                                    ("credit", data["to"], "credited")):
+            got = a.results.get(step)
+            if not isinstance(got, dict):
+                self.violation(f"{said}: results carry no {step}: {a.results}", a.saga)
+            elif got.get("account") != account or money(got.get(verb, 0)) != money(data["amount"]):
+                self.violation(f"{said}: told {step} {got}, the transfer is {data['amount']} "
+                               f"{data['from']}→{data['to']}", a.saga)
 
     def dump(self, sid):
         out = []
-        rows = self.db.query("SELECT id, status, step, attempt, failed_step, reason, rejected, "
-                             "lease_owner, lease_until, fence, created_at, updated_at "
-                             "FROM SAGA WHERE id = %s", (sid,))
+        rows = self.db.query("SELECT id, type, label, input, status, step, attempt, "
+                             "failed_step, reason, rejected, lease_owner, lease_until, fence, "
+                             "created_at, updated_at FROM SAGA WHERE id = %s", (sid,))
         out.append(f"  SAGA {rows[0] if rows else None}")
-        for t in TABLES:
-            out.append(f"  {t}: {self.db.query(f'SELECT * FROM {t} WHERE saga_id = %s', (sid,))}")
-        ledger = self.db.query("SELECT service, state, updated_at FROM STEP_LEDGER "
-                               "WHERE saga_id = %s", (sid,))
-        out.append(f"  STEP_LEDGER: {ledger}")
+        if not rows or rows[0][1] == "registration":
+            for t in TABLES:
+                out.append(f"  {t}: {self.db.query(f'SELECT * FROM {t} WHERE saga_id = %s', (sid,))}")
+        out.append("  STEP_LEDGER:")
+        for r in self.db.query("SELECT service, op, state, request, answer, created_at, "
+                               "updated_at FROM STEP_LEDGER WHERE saga_id = %s", (sid,)):
+            out.append("    " + " | ".join(str(v) for v in r))
         out.append("  SAGA_LOG:")
         for r in self.db.query("SELECT id, created_at, service, action, step, attempt, status, "
                                "http_status, elapsed_ms, message FROM SAGA_LOG "
@@ -716,15 +1171,24 @@ class Checker:
         return "\n".join(out)
 
 
+def ledger_states(entries):
+    return dict(Counter(state for _, _, state, _ in entries))
+
+
 # --- the run ------------------------------------------------------------------------------
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Long run: python chaos.py --sagas 10000 --clients 16 "
-                                       "--db-restarts 3")
+                                epilog="Long runs: python chaos.py --sagas 10000 --clients 16 "
+                                       "--db-restarts 3; python chaos.py --saga transfer "
+                                       "--sagas 3000 --clients 16 --orchestrators 2 "
+                                       "--db-restarts 2")
     p.add_argument("--sagas", type=int, default=200, help="saga requests to make (default 200)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    p.add_argument("--saga", choices=SAGA_CHOICES, default="registration",
+                   help="what the clients run: registrations (default), money transfers "
+                   "(a bank test: balances sampled, money conserved) or a mix of both")
     p.add_argument("--seed", type=int, default=None, help="seed for the chaos and the inputs "
                    "(default: random, printed)")
     p.add_argument("--orchestrators", type=int, default=1,
@@ -735,7 +1199,8 @@ def parse_args(argv):
                    help="mean seconds between chaos actions (default 0.7)")
     p.add_argument("--no-chaos", action="store_true", help="no chaos thread (a baseline run)")
     p.add_argument("--allow-failed", action="store_true",
-                   help="a FAILED saga is not a violation (it needs an operator)")
+                   help="a FAILED registration is not a violation (it needs an operator); "
+                   "a FAILED transfer always is (its refund never gives up)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop sending new sagas after this long (default 120 + sagas/2)")
     p.add_argument("--settle-timeout", type=float, default=180,
@@ -775,6 +1240,8 @@ def parse_args(argv):
 def replay_command(args):
     cmd = ["python chaos.py", f"--seed {args.seed}", f"--sagas {args.sagas}",
            f"--clients {args.clients}"]
+    if args.saga != "registration":
+        cmd.append(f"--saga {args.saga}")
     if args.orchestrators != 1:
         cmd.append(f"--orchestrators {args.orchestrators}")
     if args.db_restarts:
@@ -915,18 +1382,28 @@ def wait_quiet(checker, timeout):
         time.sleep(0.25)
 
 
-def summarize(args, clients, chaos, checker, outcomes, timing, stuck, extra_notes):
+def summarize(args, clients, chaos, checker, outcomes, timing, stuck, extra_notes,
+              sampler=None):
     codes = Counter("no answer" if a.code is None else str(a.code) for a in clients.answers)
+    codes_by_type = defaultdict(Counter)
+    for a in clients.answers:
+        codes_by_type[a.kind]["no answer" if a.code is None else str(a.code)] += 1
+    bank = None
+    if checker.bank is not None:
+        bank = {**checker.bank, **(sampler.figures() if sampler else {})}
     per_process = {name: dict(c) for name, c in sorted(chaos.counts.items())} if chaos else {}
     db_restarts = chaos.db_restarts if chaos else []
     summary = {
         "seed": args.seed,
+        "saga": args.saga,
         "replay": replay_command(args),
         "sagas_requested": args.sagas,
         "sagas_sent": clients.sent(),
         "stopped_early": clients.stopped_early,
         "sagas_in_db": sum(outcomes.values()),
         "answers": dict(sorted(codes.items())),
+        "answers_by_type": {k: dict(sorted(c.items())) for k, c in sorted(codes_by_type.items())},
+        "repeated_answers": sum(1 for a in clients.answers if a.repeated),
         "retried": dict(clients.retried),
         "gave_up": clients.gave_up,
         "no_answer": len([a for a in clients.answers if a.code is None]),
@@ -937,6 +1414,9 @@ def summarize(args, clients, chaos, checker, outcomes, timing, stuck, extra_note
         "compensated": outcomes.get("COMPENSATED", 0),
         "failed": outcomes.get("FAILED", 0),
         "stuck": stuck,
+        "outcomes_by_type": {k: dict(c) for k, c in
+                             sorted(getattr(checker, "outcomes_by_type", {}).items())},
+        "bank": bank,
         "chaos": per_process,
         "db_restarts": db_restarts,
         "db_restarts_requested": args.db_restarts,
@@ -958,6 +1438,27 @@ def summarize(args, clients, chaos, checker, outcomes, timing, stuck, extra_note
         f"sagas were made anyway; all checked like the rest) {summary['no_answer_kinds'] or ''}")
     say(f"outcomes:    completed {summary['completed']}  compensated {summary['compensated']}  "
         f"failed {summary['failed']}  stuck {stuck}")
+    if args.saga == "mixed":
+        for kind, c in summary["outcomes_by_type"].items():
+            say(f"  {kind:<13} " + "  ".join(f"{k.lower()} {v}" for k, v in sorted(c.items()))
+                + "   answers " + "  ".join(f"{k}: {v}" for k, v in
+                                           summary["answers_by_type"].get(kind, {}).items()))
+    if bank:
+        say(f"bank:        transfers {bank['transfers']}: completed {bank['completed']}, "
+            f"compensated {bank['compensated']} (refused {bank['refused']}: insufficient "
+            f"funds {bank['refused_insufficient_funds']}, other {bank['refused_other']}), "
+            f"failed {bank['failed']}; money moved {bank['money_moved']}")
+        say("bank:        balances " + "  ".join(f"{a} {b}" for a, b in bank["balances"].items())
+            + f"  total {bank['total']} (opening {bank['opening_total']}); "
+            + f"repeated-key answers {summary['repeated_answers']}")
+        if "reads" in bank:
+            say(f"sampler:     {bank['reads']} reads ({bank['failed_reads']} failed while the "
+                f"database was away), {bank['ledger_audits']} ledger audits; min balance seen "
+                + "  ".join(f"{a} {b}" for a, b in bank["min_balance_seen"].items())
+                + f"; total seen {bank['min_total_seen']}..{bank['max_total_seen']} "
+                f"(below the opening in {bank['reads_with_money_in_flight']} reads: money "
+                "in flight between a debit and its credit)")
+        say(f"bank:        balance check: {bank['balance_check']}")
     if chaos:
         for name, c in per_process.items():
             say(f"chaos:       {name:<14} " + "  ".join(f"{k} {v}" for k, v in sorted(c.items())))
@@ -989,7 +1490,8 @@ def main(argv=None):
     owned = not args.url
     rundir = tempfile.mkdtemp(prefix=f"saga-chaos-{args.seed}-")
     keep = args.keep
-    server = system = chaos = None
+    server = system = chaos = sampler = None
+    banking = args.saga != "registration"     # the run moves money
     began = time.monotonic()
     try:
         if owned:
@@ -1002,15 +1504,22 @@ def main(argv=None):
             db.query("SELECT 1")
             client_timeout = 90
             faults_off(args, None)   # fails early without the operator token
-        checker = Checker(db, None if owned else tag, args.allow_failed)
         clients = Clients(urls, args.sagas, args.clients, args.seed, tag, client_timeout,
-                          time.monotonic() + args.max_seconds, retry_for=120)
+                          time.monotonic() + args.max_seconds, retry_for=120, saga=args.saga)
+        checker = Checker(db, None if owned else tag, args.allow_failed, clients.key_prefix())
+        if banking:
+            if not owned:
+                checker.take_baseline()
+            sampler = BalanceSampler(db, owned)
+            sampler.start()
         actions_log = open(os.path.join(rundir, "chaos-actions.log"), "w")
         if not args.no_chaos:
             chaos = Chaos(args, rng, system, server, clients, actions_log)
             clients.more = chaos.unfinished
-        say(f"running {args.sagas} sagas from {args.clients} clients over {len(urls)} "
-            f"orchestrator(s){'' if chaos else ' without chaos'}")
+        say(f"running {args.sagas} {'' if args.saga == 'registration' else args.saga + ' '}"
+            f"sagas from {args.clients} clients over {len(urls)} "
+            f"orchestrator(s){'' if chaos else ' without chaos'}"
+            f"{'; sampling balances every 50 ms' if sampler else ''}")
         chaos_began = time.monotonic()
         clients.start()
         if chaos:
@@ -1023,7 +1532,8 @@ def main(argv=None):
                 say(f"  [{last_print - chaos_began:6.1f}s] {clients.finished}/{args.sagas} done, "
                     f"{len(clients.answers)} answers"
                     + (f", {sum(sum(c.values()) for c in chaos.counts.values())} chaos actions"
-                       if chaos else ""))
+                       if chaos else "")
+                    + (f", {sampler.reads} balance reads" if sampler else ""))
         stopped = time.monotonic()
         if chaos:
             chaos.stop_event.set()
@@ -1040,9 +1550,14 @@ def main(argv=None):
             # Late requests (a hang fault sleeps past the read timeout) land now or never.
             time.sleep(args.grace)
             _, stuck = wait_quiet(checker, args.settle_timeout)
+        if sampler:
+            sampler.stop()
+            checker.violations.extend(sampler.violations)
+            for err in sampler.errors:
+                checker.violations.append("harness: sampler: " + err.strip().splitlines()[-1])
         answers = list(clients.answers)
-        outcomes = checker.check(answers)
-        notes = {"notes": []}
+        outcomes = checker.check(answers, clients.key if banking else None)
+        notes = {"notes": list(checker.notes)}
         if chaos:
             for err in chaos.errors:
                 checker.violations.append("harness: " + err.strip().splitlines()[-1])
@@ -1075,14 +1590,20 @@ def main(argv=None):
             if server_errors:
                 notes["notes"].append("gunicorn errors: " + "; ".join(
                     f"{n}x {text}" for text, n in server_errors.most_common(5)))
-        usernames = {clients.username(a.index) for a in answers if a.code is None}
+        usernames = {clients.username(a.index) for a in answers
+                     if a.code is None and a.kind == "registration"}
         if usernames:
             where = ", ".join(["%s"] * len(usernames))
             notes["no_answer_exists"] = db.query(
                 f"SELECT COUNT(*) FROM SAGA WHERE label IN ({where})", tuple(usernames))[0][0]
+        keys = {clients.key(a.index) for a in answers if a.code is None and a.kind == "transfer"}
+        if keys:
+            notes["no_answer_exists"] = notes.get("no_answer_exists", 0) + len(
+                keys & set(checker.key_sagas()))
         timing = {"chaos_phase": stopped - chaos_began, "recover": recovered - recover_began,
                   "settle": settle_total, "total": time.monotonic() - began}
-        summary = summarize(args, clients, chaos, checker, outcomes, timing, stuck, notes)
+        summary = summarize(args, clients, chaos, checker, outcomes, timing, stuck, notes,
+                            sampler)
         if checker.suspects and args.dump:
             say("")
             say(f"first {min(args.dump, len(checker.suspects))} saga(s) involved:")
@@ -1107,6 +1628,8 @@ def main(argv=None):
     finally:
         if chaos:
             chaos.stop_event.set()
+        if sampler:
+            sampler.stop_event.set()
         if system:
             try:
                 system.stop()
