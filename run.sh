@@ -108,9 +108,9 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 demo_procfile() {   # the four processes, plus the brokers the demo needs that are not running
   cat Procfile
-  local amqp_port=5672
-  if [ -z "${RABBITMQ_URL:-}" ] && ! port_open "$amqp_port"; then
-    echo "rabbitmq: python tools/brokers.py rabbitmq $amqp_port --dir .demo"
+  if [ -z "${RABBITMQ_URL:-}" ] && ! port_open 5672; then
+    if have brew; then brew services start rabbitmq >&2
+    else echo "rabbitmq: python tools/brokers.py rabbitmq 5672 --dir .demo"; fi
   fi
   if [ "${SAGA_TRANSPORT:-http}" = kafka ] && [ -z "${KAFKA_BOOTSTRAP:-}" ] && ! port_open 9092; then
     echo "kafka: python tools/brokers.py kafka 9092 --dir .demo"

@@ -49,8 +49,7 @@ def create_service_app(service: str, operations, settings: Settings | None = Non
     @app.before_request
     def check_token():
         if request.path != "/health" and not token_ok(settings):
-            return jsonify({"error": "missing or wrong bearer token"}), 401
-        return None
+            raise ApiError("missing or wrong bearer token", status=401)
 
     @app.get("/health")
     def health():

@@ -62,8 +62,7 @@ class Participant:
             return known
         mode, fault = self.faults.next_fault("invoke")
         if mode == "fail":
-            return Answer(500, {"error": "injected failure before the transaction",
-                                "fault": fault})
+            return injected_failure(fault)
         if mode == "reject":
             return self._refuse(saga_id, op, values,
                                 Refusal("rejected: injected business rejection"), on_refusal)
@@ -157,8 +156,7 @@ class Participant:
             return done
         mode, fault = self.faults.next_fault("compensate")
         if mode == "fail":
-            return Answer(500, {"error": "injected failure before the transaction",
-                                "fault": fault})
+            return injected_failure(fault)
         if mode == "reject":
             return Answer(422, {"error": "rejected: injected rejection of a compensation",
                                 "fault": fault})
@@ -205,6 +203,10 @@ class Participant:
         if entry is not None and entry["state"] == COMPENSATED:
             return Answer(200, entry["answer"])
         return None
+
+
+def injected_failure(fault: dict) -> Answer:
+    return Answer(500, {"error": "injected failure before the transaction", "fault": fault})
 
 
 class InFlight:

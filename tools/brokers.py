@@ -28,6 +28,7 @@ import hashlib
 import importlib.util
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -250,7 +251,9 @@ class PrivateRabbitMQ(_Broker):
         return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
 
     def command(self) -> list[str]:
-        return [RABBITMQ_SERVER]
+        # Debian's own script under /usr/lib; elsewhere (Homebrew) the one on PATH.
+        return [RABBITMQ_SERVER if os.path.exists(RABBITMQ_SERVER)
+                else shutil.which("rabbitmq-server") or RABBITMQ_SERVER]
 
     def environment(self) -> dict[str, str]:
         self.write_config()
