@@ -97,6 +97,12 @@ class FaultStore:
         with self._lock:
             self._write({"fault": fault, "calls": 0})
 
+    def armed(self, action: str) -> bool:
+        """Whether a fault is set for this kind of call (without counting a call)."""
+        with self._lock:
+            fault = self._read()["fault"]
+        return fault["mode"] != "off" and fault["on"] in (action, "both")
+
     def next_fault(self, action: str) -> tuple[str, dict]:
         """Count this call and return (the mode to apply to it, 'off' for none; the
         setting it came from)."""
