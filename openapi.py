@@ -135,8 +135,8 @@ SPEC = {
         }},
         "/accounts": {"get": {
             "summary": "Each service's account balance, read from the service, and the total",
-            "responses": answers(_200=("Accounts", "every balance"),
-                                 _503=("Accounts", "a service could not be read"))}},
+            "responses": answers(_200=("Accounts", "every balance (complete: false when "
+                                                   "a service could not be read)"))}},
         "/faults": {"get": {
             "summary": "Each service's failure-simulation setting",
             "responses": {"200": json_body({"type": "object",
@@ -177,11 +177,13 @@ SPEC = {
                 "repeated": {"type": "boolean"}}},
             "SagaItem": {"type": "object", "required": [
                 "id", "type", "mode", "transport", "status", "current_step", "attempt",
-                "label", "input", "created_at", "updated_at"],
+                "label", "input", "rejected", "created_at", "updated_at"],
                 "properties": {
                     "id": {"type": "string"}, "type": {"enum": SAGA_TYPE_NAMES},
                     "mode": {"enum": list(MODES)}, "transport": {"enum": list(TRANSPORTS)},
-                    "status": {"enum": list(STATES)}, "current_step": {"enum": STEP_NAMES},
+                    "status": {"enum": list(STATES)},
+                    "current_step": {"enum": [*STEP_NAMES, None]},
+                    "rejected": {"type": "boolean"},
                     "attempt": {"type": "integer"}, "label": {"type": "string"},
                     "input": {"type": "object"}, "failed_step": NULLABLE_TEXT,
                     "reason": NULLABLE_TEXT, "created_at": {"type": "string"},
@@ -193,11 +195,12 @@ SPEC = {
                                         "next_offset": {"type": ["integer", "null"]}}},
             "StepOutcome": {"type": "object", "required": ["status", "attempts"], "properties": {
                 "status": {"type": "string"}, "attempts": {"type": "integer"},
+                "why": {"enum": ["refused", "not_reached", "pivot"]},
                 "http_status": {"type": ["integer", "null"]},
                 "elapsed_ms": {"type": ["integer", "null"]}, "message": NULLABLE_TEXT}},
             "SagaDetail": {"allOf": [ref("SagaItem"), {"type": "object", "required": [
                 "results", "steps", "log"], "properties": {
-                "results": {"type": "object"}, "rejected": {"type": "boolean"},
+                "results": {"type": "object"},
                 "steps": {"type": "array", "items": {
                     "type": "object", "required": ["name", "service", "op", "kind"],
                     "properties": {"name": {"type": "string"}, "service": {"enum": list(SERVICES)},
@@ -220,7 +223,9 @@ SPEC = {
             "LogList": {"type": "object", "required": ["log", "cursor"], "properties": {
                 "log": {"type": "array", "items": ref("LogRow")},
                 "cursor": {"type": "string"}}},
-            "Accounts": {"type": "object", "required": ["accounts", "total"], "properties": {
+            "Accounts": {"type": "object", "required": ["accounts", "total", "in_flight",
+                                                        "complete"], "properties": {
+                "in_flight": {"type": "string"}, "complete": {"type": "boolean"},
                 "accounts": {"type": "array", "items": {
                     "type": "object", "required": ["id", "service", "balance"],
                     "properties": {"id": {"enum": list(SERVICES)},

@@ -152,13 +152,14 @@ def no_such_saga(saga_id: str) -> ApiError:
 def saga_item(row: dict) -> dict:
     saga_type = SAGA_TYPES[row["type"]]
     steps = saga_type.steps
+    current = None if row["status"] == Status.COMPENSATED else \
+        steps[min(row["step"], len(steps) - 1)].name
     return {"id": row["id"], "type": row["type"], "mode": row["mode"],
-            "transport": row["transport"], "status": row["status"],
-            "current_step": steps[min(row["step"], len(steps) - 1)].name,
+            "transport": row["transport"], "status": row["status"], "current_step": current,
             "attempt": row["attempt"], "label": row["label"],
             "input": json.loads(row["input"]), "failed_step": row["failed_step"],
-            "reason": row["reason"], "created_at": iso(row["created_at"]),
-            "updated_at": iso(row["updated_at"])}
+            "reason": row["reason"], "rejected": bool(row["rejected"]),
+            "created_at": iso(row["created_at"]), "updated_at": iso(row["updated_at"])}
 
 
 def log_item(row: dict) -> dict:
@@ -190,9 +191,8 @@ def get_saga(saga_id):
         raise no_such_saga(saga_id)
     item = saga_item(row)
     item["results"] = json.loads(row["results"])
-    item["rejected"] = bool(row["rejected"])
     log = [log_item(r) for r in log_rows]
-    item["steps"] = step_stories(SAGA_TYPES[row["type"]], item["input"], log)
+    item["steps"] = step_stories(SAGA_TYPES[row["type"]], item, log)
     item["log"] = log
     return jsonify(item)
 
@@ -206,11 +206,14 @@ def saga_status(saga_id):
     return jsonify(saga_item(row))
 
 
-def step_stories(saga_type, data: dict, log: list[dict]) -> list[dict]:
-    """Each step's forward and compensation story, folded from its SAGA_LOG rows."""
+def step_stories(saga_type, item: dict, log: list[dict]) -> list[dict]:
+    """Each step's forward and compensation story, folded from its SAGA_LOG rows; for an
+    undone saga, why a step that ran was not undone: it was refused (it wrote nothing),
+    never reached, or it is a pivot (never undone)."""
+    undone = item["status"] in (Status.COMPENSATING, Status.COMPENSATED, Status.FAILED)
     out = []
     for number, step in enumerate(saga_type.steps, start=1):
-        entry = {"name": step.name, "service": step.service(data), "op": step.op,
+        entry = {"name": step.name, "service": step.service(item["input"]), "op": step.op,
                  "kind": step.kind.value}
         for action in ("invoke", "compensate"):
             rows = [r for r in log if r["step"] == number and r["action"] == action]
@@ -219,6 +222,11 @@ def step_stories(saga_type, data: dict, log: list[dict]) -> list[dict]:
                 entry[action] = {"status": last["status"], "attempts": len(rows),
                                  "http_status": last["http_status"],
                                  "elapsed_ms": last["elapsed_ms"], "message": last["message"]}
+        tried = entry.get("invoke")
+        if undone and tried and "compensate" not in entry and step.name == item["failed_step"]:
+            why = "pivot" if step.kind == StepKind.RETRIABLE else \
+                "refused" if tried["status"] == "rejected" else "not_reached"
+            entry["compensate"] = {"status": "skipped", "why": why, "attempts": 0}
         out.append(entry)
     return out
 
@@ -370,7 +378,10 @@ def put_faults(service):
 
 @services.get("/accounts")
 def accounts():
-    """Each service's account, read from the service that owns it, and their total."""
+    """Each service's account, read from the service that owns it, and their total;
+    `in_flight` is the money of transfers between their debit and their credit (or
+    refund), which the total does not hold meanwhile. The balances are read one service
+    after the other, not as one snapshot."""
     quick = urllib3.Timeout(connect=orchestrator().settings.connect_timeout, read=2)
     listed, complete = [], True
     for service in SERVICES:
@@ -382,7 +393,10 @@ def accounts():
             listed.append({"id": service, "service": service, "balance": None,
                            "error": answer.get("error", "unavailable")})
     total = str(sum(Decimal(a["balance"]) for a in listed)) if complete else None
-    return jsonify({"accounts": listed, "total": total}), 200 if complete else 503
+    in_flight = sum((Decimal(data["amount"]) for data in
+                     orchestrator().engine.store.transfers_in_flight()), Decimal("0.00"))
+    return jsonify({"accounts": listed, "total": total, "in_flight": str(in_flight),
+                    "complete": complete})
 
 
 # --- health, spec, UI --------------------------------------------------------------------

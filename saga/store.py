@@ -58,7 +58,7 @@ SAGA_COLUMNS = (
     "GREATEST(0, TIMESTAMPDIFF(MICROSECOND, NOW(3), next_attempt_at)) AS wait_us, "
     "TIMESTAMPDIFF(MICROSECOND, NOW(3), compensate_until) AS left_us")
 ITEM_COLUMNS = ("id, type, mode, transport, status, step, attempt, label, input, "
-                "failed_step, reason, created_at, updated_at")
+                "failed_step, reason, rejected, created_at, updated_at")
 LOG_COLUMNS = ("id, saga_id, service, status, message, created_at, step, op, action, event, "
                "attempt, http_status, elapsed_ms")
 
@@ -332,8 +332,7 @@ class SagaStore:
     def get_saga(self, saga_id: str) -> tuple[dict | None, list[dict]]:
         """The saga's row (with its results) and its SAGA_LOG rows in order."""
         with self.db.transaction() as cur:
-            cur.execute(f"SELECT {ITEM_COLUMNS}, results, rejected FROM SAGA WHERE id = %s",
-                        (saga_id,))
+            cur.execute(f"SELECT {ITEM_COLUMNS}, results FROM SAGA WHERE id = %s", (saga_id,))
             row = cur.fetchone()
             if row is None:
                 return None, []
@@ -343,9 +342,16 @@ class SagaStore:
 
     def get_item(self, saga_id: str) -> dict | None:
         with self.db.transaction() as cur:
-            cur.execute(f"SELECT {ITEM_COLUMNS}, results, rejected FROM SAGA WHERE id = %s",
-                        (saga_id,))
+            cur.execute(f"SELECT {ITEM_COLUMNS} FROM SAGA WHERE id = %s", (saga_id,))
             return cur.fetchone()
+
+    def transfers_in_flight(self) -> list[dict]:
+        """The input of each transfer whose debit may have landed while its credit or
+        its refund has not (RUNNING at the credit, or COMPENSATING)."""
+        with self.db.transaction() as cur:
+            cur.execute("SELECT input FROM SAGA WHERE type = 'transfer' AND "
+                        "((status = 'RUNNING' AND step >= 1) OR status = 'COMPENSATING')")
+            return [json.loads(row["input"]) for row in cur.fetchall()]
 
     def tail_log(self, after: int | None, gaps: dict | None = None, limit: int = 100):
         """SAGA_LOG for a live tail: (rows, next_after, gaps). Ids are handed out at

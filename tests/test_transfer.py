@@ -22,7 +22,7 @@ def test_seed_call_moves_100_from_a_to_b(live_system):
     assert accounts == {"accounts": [{"id": "A", "service": "A", "balance": "900.00"},
                                      {"id": "B", "service": "B", "balance": "600.00"},
                                      {"id": "C", "service": "C", "balance": "250.00"}],
-                        "total": "1750.00"}
+                        "total": "1750.00", "in_flight": "0.00", "complete": True}
     assert live_system.calls(body["saga"]) == [("A", "invoke", 1, "success"),
                                                ("B", "invoke", 1, "success")]
 
@@ -179,3 +179,26 @@ def test_a_completed_transfer_cannot_be_compensated(live_system):
     resp = live_system.post(f"/sagas/{sid}/compensate")
     assert resp.status_code == 409 and "point of no return" in resp.json()["error"]
     assert live_system.balances() == {"A": 990, "B": 510, "C": 250}
+
+
+def test_accounts_show_money_in_flight_and_say_when_a_balance_cannot_be_read(live_system):
+    live_system.set_fault("B", mode="slow", seconds=1.5, next=1)
+    thread, _ = in_background(live_system.transfer, {"amount": "40.00"})
+    wait_for(lambda: live_system.query("SELECT 1 FROM SAGA WHERE step = 1"), 10, "the credit")
+    during = live_system.get("/accounts").json()
+    assert during["in_flight"] == "40.00" and during["total"] == "1710.00"
+    join(thread)
+    live_system.system.kill("service_c")
+    partial = live_system.get("/accounts")
+    assert partial.status_code == 200
+    body = partial.json()
+    assert body["complete"] is False and body["total"] is None
+    assert body["accounts"][2]["balance"] is None and "C" in body["accounts"][2]["error"]
+
+
+def test_detail_says_why_a_step_was_not_undone(live_system):
+    live_system.set_fault("B", mode="reject", next=1)
+    sid = live_system.transfer({"amount": 100}).json()["saga"]
+    steps = {s["name"]: s for s in live_system.get(f"/sagas/{sid}").json()["steps"]}
+    assert steps["debit"]["compensate"]["status"] == "success"
+    assert steps["credit"]["compensate"] == {"status": "skipped", "why": "pivot", "attempts": 0}

@@ -1,18 +1,23 @@
 """The live monitor, ui.html, in a real browser (the machine's Chromium, headless, driven
 by Playwright) against the real processes and database: served at /, opened from disk,
-updating live, changing faults, running operator actions, and never treating data as
-markup. Every wait is a Playwright expectation that polls; nothing sleeps.
+updating live, starting registrations and transfers, showing balances, timelines of any
+saga type and a choreographed saga's event flow, tailing SAGA_LOG without losing a late
+row, changing faults, running operator actions, and never treating data as markup. Every
+wait is a Playwright expectation that polls; nothing sleeps.
 
 `python tests/test_ui.py --update-csp` refreshes the script and style hashes in ui.html's
 Content-Security-Policy after an edit."""
 
 import base64
 import hashlib
+import json
 import os
 import re
 import shutil
 import sys
+import uuid
 
+import mysql.connector
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
@@ -183,12 +188,44 @@ def start_from_page(page, username=None, address=None, payment=None):
     return result
 
 
-def started_id(page):
-    return page.locator("#start-result button.mono").text_content()
+def started_id(page, form="start"):
+    return page.locator(f"#{form}-result button.mono").text_content()
 
 
 def card(page, lane, service):
     return page.locator(f'#lane-{lane} li[data-service="{service}"]')
+
+
+def step_card(page, lane, step):
+    return page.locator(f'#lane-{lane} li[data-step="{step}"]')
+
+
+def skipped(page, step):
+    """The note saying why a step of an undone saga was not undone."""
+    return page.locator(f'#lane-skips li[data-step="{step}"]')
+
+
+def fact(page, name):
+    return page.locator("#detail-facts dt").filter(has_text=re.compile(f"^{name}$")).locator(
+        "xpath=following-sibling::dd[1]")
+
+
+def balance(page, account):
+    return page.locator(f"#bal-{account}")
+
+
+def transfer_from_page(page, source=None, target=None, amount=None, double_click=False):
+    for label, value in (("From", source), ("To", target)):
+        if value is not None:
+            page.get_by_label(label, exact=True).select_option(value)
+    if amount is not None:
+        page.get_by_label("Amount", exact=True).fill(amount)
+    button = page.get_by_role("button", name="Transfer", exact=True)
+    button.dblclick() if double_click else button.click()
+    result = page.locator("#transfer-result")
+    expect(page.locator("#transfer-pending")).to_be_hidden()
+    expect(result).not_to_contain_text("Starting")
+    return result
 
 
 def fault_form(page, service):
@@ -269,11 +306,12 @@ def test_saga_compensated_while_the_page_is_open_appears_live(live_system, ui):
     expect(page.locator("#detail-id")).to_have_text(sid)
     expect(card(page, "forward", "C")).to_have_attribute("data-status", "rejected")
     expect(card(page, "forward", "C")).to_contain_text("HTTP 422")
+    # C refused, so it wrote nothing: the compensation lane undoes B then A, and says why
+    # C was left alone.
     comp = page.locator("#lane-comp > li")
-    expect(comp).to_have_count(3)
-    assert comp.evaluate_all("cards => cards.map(c => c.dataset.service)") == ["C", "B", "A"]
-    # C refused, so it wrote nothing and is not undone; B and A are.
-    expect(card(page, "comp", "C")).not_to_have_attribute("data-status", "success")
+    expect(comp).to_have_count(2)
+    assert comp.evaluate_all("cards => cards.map(c => c.dataset.service)") == ["B", "A"]
+    expect(skipped(page, "C")).to_have_text("C skipped — refused: wrote nothing")
     for service in "BA":
         expect(card(page, "comp", service)).to_have_attribute("data-status", "success")
         expect(card(page, "comp", service)).to_contain_text("HTTP 200")
@@ -390,7 +428,11 @@ def test_list_updates_in_place_keeps_the_selection_and_filters_by_status(live_sy
     expect(row(page, second).locator("button")).to_be_focused()
     expect(card(page, "forward", "B")).to_have_attribute("data-status", "rejected")
     expect(card(page, "forward", "C")).to_have_attribute("data-status", "not run")
-    expect(card(page, "comp", "C")).to_have_attribute("data-status", "not needed")
+    # Only A wrote something: B refused and C was never reached, so only A is undone.
+    expect(page.locator("#lane-comp > li")).to_have_count(1)
+    expect(card(page, "comp", "A")).to_have_attribute("data-status", "success")
+    expect(skipped(page, "B")).to_contain_text("refused: wrote nothing")
+    expect(skipped(page, "C")).to_contain_text("not reached")
     ui.assert_clean()
 
 
@@ -467,30 +509,292 @@ def test_page_says_when_the_orchestrator_is_down_and_recovers_by_itself(live_sys
     ui.assert_clean()
 
 
-def test_screenshot_of_a_busy_monitor(live_system, ui):
-    """Not a promise but a picture: a few completed and compensated sagas, the seed's
-    failure pattern, one timeline selected. Saved to test-artifacts/; with
-    SAGA_UPDATE_SCREENSHOT=1 also to docs/screenshot.png for the README."""
+OPENING = {"A": "1000.00", "B": "500.00", "C": "250.00"}
+
+
+def expect_balances(page, balances, total="1750.00"):
+    for account, amount in balances.items():
+        expect(balance(page, account)).to_have_text(amount)
+    expect(page.locator("#bal-total")).to_have_text(total)
+
+
+def test_transfer_from_the_page_completes_once_and_the_balances_follow_live(live_system, ui):
     page = ui.open(live_system.url + "/")
+    expect_balances(page, OPENING)
+    # A slow credit keeps the first request open while the second click of a double-click
+    # goes out: it carries the same Idempotency-Key, so the transfer happens once.
+    live_system.set_fault("B", mode="slow", seconds=0.5, next=1)
+    keys = []
+    page.on("request", lambda req: keys.append(req.headers.get("idempotency-key"))
+            if req.method == "POST" and req.url.endswith("/transfer") else None)
+    result = transfer_from_page(page, "A", "B", "100", double_click=True)
+    expect(result).to_contain_text("COMPLETED")
+    expect(result).to_contain_text("HTTP 200")
+    sid = started_id(page, "transfer")
+    assert len(keys) == 2 and keys[0] == keys[1] and keys[0].startswith("ui-"), keys
+    assert live_system.query("SELECT id FROM SAGA") == [(sid,)]
+    expect_balances(page, {"A": "900.00", "B": "600.00", "C": "250.00"})
+
+    saga_row = row(page, sid)
+    status_of(saga_row, "COMPLETED")
+    expect(saga_row.locator("td.label")).to_have_text("A→B 100.00")
+    expect(saga_row.locator("td.type .tag")).to_have_text(["transfer", "orchestration"])
+    expect(page.locator("#detail-id")).to_have_text(sid)
+    for name, value in (("From", "A"), ("To", "B"), ("Amount", "100.00")):
+        expect(fact(page, name)).to_have_text(value)
+    expect(step_card(page, "forward", "debit")).to_have_attribute("data-status", "success")
+    expect(step_card(page, "forward", "credit")).to_have_attribute("data-status", "success")
+    expect(page.locator("#compensate")).to_be_hidden()  # past its pivot: it cannot be undone
+    expect(page.locator("#action-note")).to_have_text(
+        "Past its pivot (credit): it only goes forward, it cannot be undone.")
+
+    # Live: a transfer made elsewhere moves the balances of the open page.
+    assert live_system.transfer({"from": "C", "to": "A", "amount": "50"}).status_code == 200
+    expect_balances(page, {"A": "950.00", "B": "600.00", "C": "200.00"})
+    live_system.assert_money_conserved()
+    ui.assert_clean()
+
+
+def test_insufficient_funds_shows_the_reason_and_moves_no_money(live_system, ui):
+    page = ui.open(live_system.url + "/")
+    ui.allow_http_error("/transfer", 409)
+    result = transfer_from_page(page, "C", "A", "250.01")
+    expect(result).to_contain_text("COMPENSATED")
+    expect(result).to_contain_text("HTTP 409")
+    expect(result).to_contain_text("insufficient funds")
+    sid = started_id(page, "transfer")
+    expect(page.locator("#detail-id")).to_have_text(sid)
+    expect(step_card(page, "forward", "debit")).to_have_attribute("data-status", "rejected")
+    expect(step_card(page, "forward", "credit")).to_have_attribute("data-status", "not run")
+    # The debit was refused, so it wrote nothing: nothing to undo, and each step says why.
+    expect(page.locator("#lane-comp > li")).to_have_count(0)
+    expect(page.locator("#comp-flow")).to_have_text("nothing to undo")
+    expect(skipped(page, "debit")).to_have_text("debit at C skipped — refused: wrote nothing")
+    expect(skipped(page, "credit")).to_have_text("credit at A skipped — not reached")
+    expect(row(page, sid).locator(".why")).to_contain_text("insufficient funds")
+    expect_balances(page, OPENING)
+    assert live_system.balances() == {"A": 1000, "B": 500, "C": 250}
+    ui.assert_clean()
+
+
+def test_bad_transfer_shows_the_apis_message_on_the_field(live_system, ui):
+    page = ui.open(live_system.url + "/")
+    ui.allow_http_error("/transfer", 400)
+    for body, label in (({"amount": "12.345"}, "Amount"), ({"from": "B", "to": "B", "amount": "5"}, "To")):
+        expected = live_system.transfer(body).json()  # the API's own words, asked directly
+        assert expected["field"] == label.lower()
+        transfer_from_page(page, body.get("from", "A"), body.get("to", "B"), body["amount"])
+        expect(page.locator("#transfer-error")).to_have_text(f"{expected['error']} [field: {expected['field']}]")
+        field = page.get_by_label(label, exact=True)
+        expect(field).to_have_attribute("aria-invalid", "true")
+        expect(field).to_have_attribute("aria-describedby", "transfer-error")
+        expect(field).to_be_focused()
+    expect(page.get_by_label("Amount", exact=True)).not_to_have_attribute("aria-invalid", "true")
+    assert live_system.query("SELECT COUNT(*) FROM SAGA")[0][0] == 0
+    ui.assert_clean()
+
+
+def test_type_filter_shows_one_saga_type(live_system, ui):
+    registration = live_system.start().json()["saga"]
+    transfer = live_system.transfer({"from": "B", "to": "C", "amount": "12.5"}).json()["saga"]
+    page = ui.open(live_system.url + "/")
+    rows = page.locator("#saga-rows > tr")
+    expect(rows).to_have_count(2)
+    expect(row(page, registration).locator("td.label")).to_have_text("john_doe")
+    expect(row(page, registration).locator("td.type .tag")).to_have_text(["registration", "orchestration"])
+    expect(row(page, transfer).locator("td.label")).to_have_text("B→C 12.50")
+
+    type_filter = page.get_by_label("Type", exact=True)
+    type_filter.select_option("transfer")
+    expect(rows).to_have_count(1)
+    expect(row(page, transfer)).to_be_visible()
+    expect(page.locator("#sagas-count")).to_have_text("type transfer")
+    type_filter.select_option("registration")
+    expect(rows).to_have_count(1)
+    expect(row(page, registration)).to_be_visible()
+    page.get_by_label("Status", exact=True).select_option("COMPENSATED")
+    expect(rows).to_have_count(0)
+    expect(page.locator("#sagas-empty")).to_have_text("No registration COMPENSATED sagas.")
+    page.get_by_label("Status", exact=True).select_option("")
+    type_filter.select_option("")
+    expect(rows).to_have_count(2)
+    ui.assert_clean()
+
+
+def test_refused_credit_timeline_shows_the_refund_and_the_credit_as_pivot(live_system, ui):
+    live_system.set_fault("B", mode="reject", next=1)
+    resp = live_system.transfer({"amount": 100})
+    assert resp.status_code == 409, resp.text
+    sid = resp.json()["saga"]
+
+    page = ui.open(live_system.url + "/")
+    row(page, sid).click()
+    status_of(page.locator("#detail-badge"), "COMPENSATED")
+    expect(fact(page, "Failed at")).to_have_text("credit (refused)")
+    expect(page.locator("#fwd-flow")).to_have_text("debit → credit")
+    debit, credit = step_card(page, "forward", "debit"), step_card(page, "forward", "credit")
+    expect(debit).to_have_attribute("data-status", "success")
+    expect(debit).to_have_attribute("data-service", "A")
+    expect(credit).to_have_attribute("data-status", "rejected")
+    expect(credit).to_have_attribute("data-service", "B")
+    expect(credit).to_have_attribute("data-kind", "retriable")
+    expect(credit.locator(".card-kind")).to_have_text("pivot never undone: retried until it lands")
+    expect(debit.locator(".card-kind")).to_have_count(0)
+    # The refusal proves the credit wrote nothing: the refund of the debit is the only undo.
+    comp = page.locator("#lane-comp > li")
+    expect(comp).to_have_count(1)
+    refund = step_card(page, "comp", "debit")
+    expect(refund).to_have_attribute("data-status", "success")
+    expect(refund).to_contain_text("refunded 100.00 to A")
+    expect(skipped(page, "credit")).to_have_text("credit at B skipped — refused: wrote nothing")
+    expect(page.locator("#compensate")).to_be_hidden()
+    expect_balances(page, OPENING)
+    ui.assert_clean()
+
+
+def test_choreographed_saga_is_shown_as_an_event_flow(live_system, ui):
+    # The services do not choreograph yet: write what they will write, a registration
+    # whose payment kept failing and whose events undid B, then A.
+    sid = str(uuid.uuid4())
+    data = {"username": "chor_user", "address": "5 Event St", "payment": "Visa"}
+    live_system.query(
+        "INSERT INTO SAGA (id, type, mode, transport, status, step, attempt, input, label, "
+        "results, failed_step, reason) VALUES (%s, 'registration', 'choreography', 'rabbitmq', "
+        "'COMPENSATED', 0, 1, %s, %s, '{}', 'C', %s)",
+        (sid, json.dumps(data), "chor_user", "C failed: HTTP 500: injected failure"))
+    rows = [  # service, action, op, event, status, attempt, message
+        ("SAGA", None, None, None, "STARTED", None, "registration started (choreography, rabbitmq)"),
+        ("A", "invoke", "user", None, "success", 1, "committed (op=user, user_id=7)"),
+        ("A", "publish", "user", "registration.user.done", "published", None, "confirmed by the broker"),
+        ("B", "invoke", "address", "registration.user.done", "success", 1, "committed (op=address)"),
+        ("B", "publish", "address", "registration.address.done", "published", None, "confirmed"),
+        ("C", "invoke", "payment", "registration.address.done", "failed", 1, "injected failure; redelivered"),
+        ("C", "invoke", "payment", "registration.address.done", "failed", 2, "injected failure; redelivered"),
+        ("C", "invoke", "payment", "registration.address.done", "failed", 3, "injected failure; giving up"),
+        ("C", "publish", "payment", "registration.payment.failed", "published", None, "confirmed"),
+        ("B", "compensate", "address", "registration.payment.failed", "success", 1, "compensated (rows removed: 1)"),
+        ("B", "publish", "address", "registration.address.undone", "published", None, "confirmed"),
+        ("A", "compensate", "user", "registration.address.undone", "success", 1, "compensated (rows removed: 1)"),
+        ("SAGA", None, None, None, "COMPENSATED", None, "every step undone"),
+    ]
+    step_of = {"A": 1, "B": 2, "C": 3}
+    for service, action, op, event, status, attempt, message in rows:
+        live_system.query(
+            "INSERT INTO SAGA_LOG (saga_id, service, status, message, step, op, action, event, "
+            "attempt, http_status) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (sid, service, status, message, step_of.get(service), op, action, event, attempt,
+             500 if status == "failed" else None))
+
+    page = ui.open(live_system.url + "/")
+    saga_row = row(page, sid)
+    status_of(saga_row, "COMPENSATED")
+    expect(saga_row.locator("td.type .tag")).to_have_text(["registration", "choreography · rabbitmq"])
+    expect(saga_row.locator("td.label")).to_have_text("chor_user")
+    saga_row.click()
+    expect(page.locator("#detail-id")).to_have_text(sid)
+    expect(fact(page, "Mode")).to_have_text("choreography over rabbitmq")
+    expect(page.locator("#lanes")).to_be_hidden()
+    hops = page.locator("#flow > li")
+    expect(hops.locator(".what")).to_have_text([
+        "Saga started", "A runs user", "A publishes user.done", "B handles it (address)",
+        "B publishes address.done", "C handles it (payment)", "C publishes payment.failed",
+        "B handles it (undo address)", "B publishes address.undone", "A handles it (undo user)",
+        "Saga compensated"])
+    payment = hops.nth(5)  # three deliveries of address.done to C: one hop, its attempts
+    expect(payment).to_have_attribute("data-status", "failed")
+    expect(payment).to_contain_text("attempt 3")
+    expect(payment.locator(".attempts li")).to_have_count(2)
+    expect(hops.nth(2)).to_have_attribute("data-status", "published")
+    expect(hops.nth(2)).to_contain_text("event registration.user.done")
+    # The orchestrator only reads a choreographed saga: no operator action is offered.
+    expect(page.locator("#compensate")).to_be_hidden()
+    expect(page.locator("#retry")).to_be_hidden()
+    expect(page.locator("#action-note")).to_contain_text("Choreographed by its services over rabbitmq")
+    expect(page.locator(f'#log-rows tr[data-saga="{sid}"]')).to_have_count(len(rows))
+    ui.shot("choreography-flow")
+    ui.assert_clean()
+
+
+def test_log_tail_shows_a_row_that_committed_late_in_id_order(live_system, ui):
+    page = ui.open(live_system.url + "/")
+    # A transaction that took its SAGA_LOG id before the saga's rows and commits after them.
+    held = mysql.connector.connect(host="127.0.0.1", port=live_system.server.port, user="saga",
+                                   password="saga", database=live_system.dbname,
+                                   time_zone="+00:00")
+    try:
+        cur = held.cursor()
+        cur.execute("INSERT INTO SAGA_LOG (saga_id, service, status, message) "
+                    "VALUES ('held-open', 'SAGA', 'NOTE', 'committed after the saga')")
+        late_id = cur.lastrowid
+        sid = live_system.start().json()["saga"]
+        saga_ids = [i for i, in live_system.query("SELECT id FROM SAGA_LOG WHERE saga_id = %s", (sid,))]
+        assert late_id < min(saga_ids)
+        expect(page.locator(f'#log-rows tr[data-saga="{sid}"]')).to_have_count(len(saga_ids))
+        held.commit()
+    finally:
+        held.close()
+    late = page.locator(f'#log-rows tr[data-log-id="{late_id}"]')
+    expect(late).to_have_count(1)
+    expect(late).to_contain_text("committed after the saga")
+    ids = page.locator("#log-rows > tr").evaluate_all("trs => trs.map(tr => Number(tr.dataset.logId))")
+    assert ids == sorted(set(ids)), ids  # each row once, in id order
+    assert ids.index(late_id) == ids.index(min(saga_ids)) - 1
+    ui.assert_clean()
+
+
+def test_balances_say_which_service_cannot_be_read_and_recover(live_system, ui):
+    page = ui.open(live_system.url + "/")
+    expect_balances(page, OPENING)
+    ui.allow_http_error("/accounts", 503)
+    live_system.system.kill("service_c")
+    expect(balance(page, "C")).to_have_text("unreadable")
+    expect(page.locator('#balances li[data-account="C"]')).to_have_class(re.compile(r"\bunreadable\b"))
+    expect(page.locator("#bal-total")).to_have_text("unknown")
+    expect(page.locator("#money-msg")).to_contain_text("Cannot read C: service C unreachable")
+    expect(balance(page, "A")).to_have_text("1000.00")
+    expect(page.locator("#conn")).to_have_text("live")  # the orchestrator itself answers
+    live_system.system.start("service_c")
+    expect_balances(page, OPENING)
+    expect(page.locator("#money-msg")).to_be_hidden()
+    ui.assert_clean()
+
+
+def test_screenshot_of_a_busy_monitor(live_system, ui):
+    """Not a promise but a picture: registrations and transfers, completed and undone, the
+    seed's failure pattern, the balances, and a refused transfer's timeline selected.
+    Saved to test-artifacts/; with SAGA_UPDATE_SCREENSHOT=1 also to docs/screenshot.png
+    for the README."""
+    page = ui.open(live_system.url + "/")
+    ui.allow_http_error("/accounts", 503)  # a balance read may meet B restarting after a crash
     live_system.set_fault("A", mode="fail", every=2)
     live_system.set_fault("B", mode="crash", every=2)
     people = [("john_doe", "123 Main St", "Visa"), ("ada", "12 Analytical Way", "Mastercard"),
               ("grace", "1 Compiler Ct", "Amex"), ("linus", "4 Kernel Rd", "Visa")]
-    for username, address, payment in people:
+    for username, address, payment in people[:2]:
+        live_system.start({"username": username, "address": address, "payment": payment})
+    live_system.transfer({"amount": 100})
+    for username, address, payment in people[2:]:
         live_system.start({"username": username, "address": address, "payment": payment})
     live_system.set_fault("C", mode="reject", next=1)
-    undone = live_system.start({"username": "mallory", "address": "7 Nowhere St",
-                         "payment": "expired card"}).json()["saga"]
+    live_system.start({"username": "mallory", "address": "7 Nowhere St", "payment": "expired card"})
+    live_system.transfer({"from": "B", "to": "C", "amount": "42.50"})
+    live_system.transfer({"from": "C", "to": "A", "amount": "500"})  # more than C holds
     live_system.start({"username": "zoë", "address": "Straße 1", "payment": "Visa"})
-    live_system.set_fault("C", mode="reject", next=1)
-    live_system.start({"username": "eve", "address": "9 Side St", "payment": "Visa"})
+    live_system.set_fault("B", mode="reject", next=1)
+    refused = live_system.transfer({"from": "A", "to": "B", "amount": "75"}).json()["saga"]
+    live_system.set_fault("B", mode="crash", every=2)
     live_system.set_fault("C", mode="off")
     expect(page.locator("#fault-C-h").locator("xpath=../..")).to_contain_text("Fault: off")
-    expect(page.locator("#saga-rows > tr")).to_have_count(7)
+    expect(page.locator("#saga-rows > tr")).to_have_count(10)
     expect(page.locator("#saga-rows > tr.flash")).to_have_count(0)
-    row(page, undone).click()
-    expect(page.locator("#lane-comp > li")).to_have_count(3)
-    expect(card(page, "comp", "A")).to_have_attribute("data-status", "success")
+    expect(page.locator('#saga-rows > tr[data-status="RUNNING"], #saga-rows > tr[data-status="COMPENSATING"]')
+           ).to_have_count(0)
+    balances = live_system.balances()
+    expect_balances(page, {k: f"{v:.2f}" for k, v in balances.items()})
+    expect(page.locator("#money .changed")).to_have_count(0)  # their flash has faded
+    row(page, refused).click()
+    expect(page.locator("#lane-comp > li")).to_have_count(1)
+    expect(step_card(page, "comp", "debit")).to_have_attribute("data-status", "success")
     expect(page.locator("#fault-B-h").locator("xpath=../..")).to_contain_text("crash")
     page.mouse.move(0, 0)
     path = ui.shot("monitor")
