@@ -89,7 +89,8 @@ def serve(app_factory, port: int, settings: Settings, name: str, preload: bool =
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s {name} %(levelname)s %(message)s")
     logging.getLogger("mysql.connector").setLevel(logging.WARNING)
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # pika logs every failed connection attempt as an ERROR; our loops say it once.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
 
     class Server(BaseApplication):
         def load_config(self):

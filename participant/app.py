@@ -92,8 +92,9 @@ def create_service_app(service: str, operations, settings: Settings | None = Non
             saga = choreography.store.load(known.saga_id)
             return respond(choreography.wait(saga, settings.start_wait), repeated=True)
         if first.status >= 500:
-            return jsonify({"error": f"service {service} could not run the first step; "
-                                     f"nothing was written, try again ({first.body.get('error')})"}), 503
+            return jsonify({"error": f"service {service} could not run the first step "
+                                     f"after {settings.max_attempts} attempts; nothing was "
+                                     f"written, try again ({first.body.get('error')})"}), 503
         if first.after != "off":
             return reply(first)  # the injected fault strikes after the commit, as for /invoke
         if not waiters.acquire(blocking=False):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import mysql.connector
 from mysql.connector import errorcode
 
-from common import Settings
+from common import Settings, backoff_delay
 from participant.core import Participant
 from participant.events import Consumer, Outbox, Relay
 from saga.answers import answer_from_store, poll_outcome
@@ -144,13 +144,21 @@ class Choreography:
                                         f"nothing to undo: {step.name} wrote nothing")])
 
         fields = {"saga_id": saga_id, "op": step.op, **step.build(data, {})}
-        try:
-            answer = self.participant.invoke(fields, on_commit, on_refusal)
-        except mysql.connector.IntegrityError as exc:
-            if key is None or exc.errno != errorcode.ER_DUP_ENTRY:
-                raise
-            known = self.store.find_start_key(key)
-            raise KnownStart(known["saga_id"], known["request_hash"] == request_hash) from None
+        # The first step fails like any handler may: it is tried again here, with
+        # backoff, up to SAGA_MAX_ATTEMPTS, before the client is told to retry.
+        for attempt in range(1, self.settings.max_attempts + 1):
+            try:
+                answer = self.participant.invoke(fields, on_commit, on_refusal)
+            except mysql.connector.IntegrityError as exc:
+                if key is None or exc.errno != errorcode.ER_DUP_ENTRY:
+                    raise
+                known = self.store.find_start_key(key)
+                raise KnownStart(known["saga_id"],
+                                 known["request_hash"] == request_hash) from None
+            if answer.status < 500:
+                break
+            time.sleep(backoff_delay(self.settings.backoff_base, self.settings.backoff_max,
+                                     attempt))
         if answer.status == 200:
             self.published()
         return saga, answer

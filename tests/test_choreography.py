@@ -146,9 +146,16 @@ def test_only_the_first_steps_service_starts_registrations(live_system):
     assert resp.status_code == 404
 
 
-def test_injected_failure_at_a_answers_503_and_writes_nothing(live_system):
+def test_first_step_failing_once_is_tried_again_by_a(live_system):
     live_system.set_fault("A", mode="fail", next=1)
+    resp = live_system.register()
+    assert resp.status_code == 200, resp.text
+    assert live_system.query("SELECT COUNT(*) FROM SAGA")[0][0] == 1
+
+
+def test_first_step_failing_every_time_answers_503_and_writes_nothing(live_system):
+    live_system.set_fault("A", mode="fail")
     resp = live_system.register()
     assert resp.status_code == 503 and "nothing was written" in resp.json()["error"]
     assert live_system.query("SELECT COUNT(*) FROM SAGA")[0][0] == 0
-    assert live_system.register().status_code == 200
+    assert live_system.get_service("A", "/faults")["calls"] == 3

@@ -144,7 +144,8 @@ class _Broker:
 
     def __init__(self, basedir: str | os.PathLike, port: int | None = None) -> None:
         self.port = port or pick_free_port()
-        self.dir = Path(basedir) / f"{self.kind}-{self.port}"
+        # absolute: the broker runs with this as its working directory
+        self.dir = Path(basedir).resolve() / f"{self.kind}-{self.port}"
         self.log_path = self.dir / f"{self.kind}.log"
         self.proc: subprocess.Popen | None = None
 
