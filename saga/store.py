@@ -398,10 +398,14 @@ class SagaStore:
 
     # -- retention ------------------------------------------------------------------
 
+    # A client may retry with its Idempotency-Key for at least this long.
+    START_KEY_DAYS = 1.0
+
     def purge_finished(self, older_than_days: float, batch: int = 500) -> int:
         """Delete up to `batch` sagas that finished (COMPLETED or COMPENSATED) more than
-        `older_than_days` ago, with their log rows and start keys. Never an active saga,
-        never a FAILED one (it waits for an operator)."""
+        `older_than_days` ago, with their log rows, and start keys older than that and
+        at least a day. Never an active saga, never a FAILED one (it waits for an
+        operator)."""
         def purge(cur):
             cur.execute("SELECT id FROM SAGA WHERE status IN ('COMPLETED', 'COMPENSATED') "
                         "AND updated_at < NOW(3) - INTERVAL %s MICROSECOND "
@@ -411,8 +415,10 @@ class SagaStore:
             if ids:
                 marks = ", ".join(["%s"] * len(ids))
                 cur.execute(f"DELETE FROM SAGA_LOG WHERE saga_id IN ({marks})", ids)
-                cur.execute(f"DELETE FROM START_KEY WHERE saga_id IN ({marks})", ids)
                 cur.execute(f"DELETE FROM SAGA WHERE id IN ({marks})", ids)
-            return len(ids)
+            key_days = max(older_than_days, self.START_KEY_DAYS)
+            cur.execute("DELETE FROM START_KEY WHERE created_at < NOW(3) - INTERVAL %s "
+                        "MICROSECOND LIMIT %s", (int(key_days * 86400e6), batch))
+            return len(ids) + cur.rowcount
 
         return self.db.run(purge, read_committed=True)
