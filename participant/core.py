@@ -72,15 +72,18 @@ class Participant:
         time.sleep(stall_seconds(mode, fault, self.settings.read_timeout))
 
         def work(cur):
+            # The business write first, then its ledger entry with the answer: two
+            # statements. A repeat collides on a unique key (the ledger's, or the
+            # business table's) once the first call has committed, and is answered
+            # from the ledger after this transaction is rolled back.
             try:
-                self.ledger.claim(cur, saga_id, op.name, values)
+                answer = {"status": "success", "saga_id": saga_id, "op": op.name,
+                          **op.apply(cur, saga_id, values)}
+                self.ledger.record(cur, saga_id, op.name, values, answer)
             except mysql.connector.IntegrityError as exc:
                 if exc.errno != errorcode.ER_DUP_ENTRY:
                     raise
-                return self._replay(saga_id, op, values, cur)
-            answer = {"status": "success", "saga_id": saga_id, "op": op.name,
-                      **op.apply(cur, saga_id, values)}
-            self.ledger.record_answer(cur, saga_id, op.name, answer)
+                raise Repeat() from None
             if on_commit:
                 on_commit(cur, answer)
             return Answer(200, answer)
@@ -89,6 +92,9 @@ class Participant:
             # A retry after a COMMIT that was cut off finds its own ledger entry and
             # replays it, so even that is safe to run again.
             answer = self.db.run(work, idempotent=True)
+        except Repeat:
+            answer = self._replay(saga_id, op, values) or Answer(
+                503, {"error": "the step's first call left no ledger entry; try again"})
         except Refusal as refusal:
             return self._refuse(saga_id, op, values, refusal, on_refusal)
         if mode in AFTER_COMMIT and answer.status == 200:
@@ -211,6 +217,10 @@ class Participant:
 
 def injected_failure(fault: dict) -> Answer:
     return Answer(500, {"error": "injected failure before the transaction", "fault": fault})
+
+
+class Repeat(Exception):
+    """The call collided with an earlier one of the same step: answer from the ledger."""
 
 
 class InFlight:

@@ -22,15 +22,12 @@ class Ledger:
         return {"state": row["state"], "request": _load(row["request"]),
                 "answer": _load(row["answer"])}
 
-    def claim(self, cur, saga_id: str, op: str, request: dict) -> None:
-        """Insert the 'invoked' entry; IntegrityError (duplicate key) if there is one."""
-        cur.execute("INSERT INTO STEP_LEDGER (service, saga_id, op, state, request) "
-                    "VALUES (%s, %s, %s, 'invoked', %s)",
-                    (self.service, saga_id, op, _dump(request)))
-
-    def record_answer(self, cur, saga_id: str, op: str, answer: dict) -> None:
-        cur.execute("UPDATE STEP_LEDGER SET answer = %s WHERE service = %s AND saga_id = %s "
-                    "AND op = %s", (_dump(answer), self.service, saga_id, op))
+    def record(self, cur, saga_id: str, op: str, request: dict, answer: dict) -> None:
+        """The 'invoked' entry, with what was asked and answered; IntegrityError
+        (duplicate key) if the step has an entry already."""
+        cur.execute("INSERT INTO STEP_LEDGER (service, saga_id, op, state, request, answer) "
+                    "VALUES (%s, %s, %s, 'invoked', %s, %s)",
+                    (self.service, saga_id, op, _dump(request), _dump(answer)))
 
     def record_refusal(self, cur, saga_id: str, op: str, request: dict, answer: dict) -> None:
         """IntegrityError (duplicate key) if the step has an entry already."""
