@@ -3,7 +3,7 @@ every state, SAGA_LOG rows to match, and the business rows and ledger keys of th
 completed and compensated ones. Everything is INSERT ... SELECT over MariaDB's SEQUENCE
 engine (seq_1_to_N), in chunks, so 100,000 sagas and 1,000,000 log rows take seconds.
 
-    python bench/generate.py --port 3306 --user saga --password saga --database saga_db \
+    python tools/bench/generate.py --port 3306 --user saga --password saga --database saga_db \
         --sagas 100000 --log-rows 1000000
 
 Mix: 89% COMPLETED, 7% COMPENSATED, 2% FAILED, 1% COMPENSATING, 1% RUNNING. The
@@ -60,14 +60,16 @@ def fill(conn, sagas=100_000, log_rows=1_000_000, chunk=10_000, out=sys.stdout):
         seq = f"seq_{lo}_to_{hi} s"
         statements = [
             ("SAGA", f"""
-            INSERT INTO SAGA (id, status, step, attempt, username, address, payment, results,
-                failed_step, reason, rejected, next_attempt_at, compensate_until,
+            INSERT INTO SAGA (id, type, mode, transport, status, step, attempt, input, label,
+                results, failed_step, reason, rejected, next_attempt_at, compensate_until,
                 lease_owner, lease_until, fence, created_at, updated_at)
-            SELECT {sid}, {STATUS_CASE},
+            SELECT {sid}, 'registration', 'orchestration', 'http', {STATUS_CASE},
                 CASE WHEN s.seq % 100 < 89 THEN 2 ELSE s.seq % 3 END,
                 1 + (s.seq % 3 = 0),
-                CONCAT('user', s.seq), CONCAT(s.seq, ' Main St'),
-                ELT(1 + s.seq % 3, 'Visa', 'Mastercard', 'Amex'),
+                CONCAT('{{"username": "user', s.seq, '", "address": "', s.seq,
+                       ' Main St", "payment": "', ELT(1 + s.seq % 3, 'Visa', 'Mastercard', 'Amex'),
+                       '"}}'),
+                CONCAT('user', s.seq),
                 IF(s.seq % 100 < 89, CONCAT('{{"A": {{"user_id": ', {base_a} + s.seq,
                    '}}, "B": {{"address_id": ', {base_b} + s.seq,
                    '}}, "C": {{"payment_id": ', {base_c} + s.seq, '}}}}'), '{{}}'),
@@ -106,9 +108,10 @@ def fill(conn, sagas=100_000, log_rows=1_000_000, chunk=10_000, out=sys.stdout):
             SELECT {base_c} + s.seq, {sid}, {base_a} + s.seq, ELT(1 + s.seq % 3, 'Visa', 'Mastercard', 'Amex')
             FROM {seq} WHERE {COMPLETED_WHERE}"""),
             ("STEP_LEDGER", f"""
-            INSERT INTO STEP_LEDGER (service, saga_id, state)
-            SELECT p.svc, {sid}, IF({COMPLETED_WHERE}, 'invoked', 'compensated')
-            FROM {seq} CROSS JOIN (SELECT 'A' AS svc UNION ALL SELECT 'B' UNION ALL SELECT 'C') p
+            INSERT INTO STEP_LEDGER (service, saga_id, op, state)
+            SELECT p.svc, {sid}, p.op, IF({COMPLETED_WHERE}, 'invoked', 'compensated')
+            FROM {seq} CROSS JOIN (SELECT 'A' AS svc, 'user' AS op UNION ALL
+                                   SELECT 'B', 'address' UNION ALL SELECT 'C', 'payment') p
             WHERE {COMPLETED_WHERE} OR {COMPENSATED_WHERE}"""),
         ]
         for table, sql in statements:

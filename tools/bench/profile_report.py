@@ -1,12 +1,16 @@
 """Summarize a py-spy `--format raw` profile (collapsed stacks): where the samples land,
 by function and by library, overall and inside request handling / saga driving.
 
-    python bench/profile_report.py /tmp/prof/orchestrator.cpu.txt [--top 25]
+    python tools/bench/profile_report.py /tmp/prof/orchestrator.cpu.txt [--top 25]
 """
 
 import argparse
 import collections
+import os
 import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 # Frames that mark "this thread is doing work for a request or a saga".
@@ -66,13 +70,17 @@ def category(frame):
     for needle, name in CATEGORIES:
         if needle in file:
             return name
+    # py-spy names a file relative to its sys.path entry: saga/engine.py, re/__init__.py
+    if file.startswith("<") or not file.endswith(".py"):
+        return "native/other"
     if "site-packages" in file:
         return "other library"
-    if "/lib/python3" in file or file.startswith("<"):
-        return "other stdlib"
-    if file.endswith(".py"):
-        return "project: " + file.rsplit("/", 1)[-1]
-    return "native/other"
+    top = file.split("/", 1)[0].removesuffix(".py")
+    if os.path.exists(os.path.join(ROOT, file)):
+        return "project: " + file
+    if top in sys.stdlib_module_names:
+        return "stdlib: " + top
+    return top
 
 
 def summarize(stacks, top, title, out):
@@ -108,7 +116,6 @@ def summarize(stacks, top, title, out):
 
 
 def report(path, top=25, out=None):
-    import sys
     out = out or sys.stdout
     stacks = parse(path)
     print(f"\n== {path}", file=out)

@@ -1,10 +1,7 @@
-# The seed's (000) common.py, unchanged except that the connection settings come from
-# the environment (NAIVE_DB_*), with the seed's values as defaults, so this baseline can
-# run beside the real system on its own database.
+# The seed's common.py; the changes (settings from NAIVE_* variables, the benchmark's
+# switches below) are listed in tools/bench/README.md.
 import os
-
 import mysql.connector
-
 
 def get_db_connection():
     return mysql.connector.connect(
@@ -15,12 +12,12 @@ def get_db_connection():
         database=os.environ.get('NAIVE_DB_NAME', 'saga_db')
     )
 
-
-# Benchmark switch (not in the seed): NAIVE_FAULTS=seed turns on the seed's failure
-# counters (A fails every 2nd call, B exits after every 2nd commit); the default, off,
-# leaves them out so the baseline's happy path can be measured.
+# Not in the seed: where the four processes listen and find each other (the seed's
+# ports are the defaults), and its failure counters, off unless NAIVE_FAULTS=seed.
 FAULTS = os.environ.get('NAIVE_FAULTS', 'off') == 'seed'
-
+SERVICE_A_URL = os.environ.get('NAIVE_SERVICE_A_URL', 'http://localhost:5001')
+SERVICE_B_URL = os.environ.get('NAIVE_SERVICE_B_URL', 'http://localhost:5002')
+SERVICE_C_URL = os.environ.get('NAIVE_SERVICE_C_URL', 'http://localhost:5003')
 
 def port(name, default):
-    return int(os.environ.get(name, str(default)))
+    return int(os.environ.get(name, default))

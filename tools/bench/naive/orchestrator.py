@@ -1,17 +1,10 @@
-# The seed's (000) orchestrator.py: no saga state, a SAGA_LOG insert (new connection)
-# after each step, a new HTTP connection per call (requests.post), no timeouts, no
-# retries, no compensation. Changes: ports and service URLs from the environment.
-import os
-
+# The seed's orchestrator.py; changes listed in tools/bench/README.md.
 from flask import Flask, request, jsonify
 import requests
 import uuid
-from common import get_db_connection, port
+from common import get_db_connection, port, SERVICE_A_URL, SERVICE_B_URL, SERVICE_C_URL
 
 app = Flask(__name__)
-SERVICE_A_URL = os.environ.get('NAIVE_SERVICE_A_URL', 'http://localhost:5001')
-SERVICE_B_URL = os.environ.get('NAIVE_SERVICE_B_URL', 'http://localhost:5002')
-SERVICE_C_URL = os.environ.get('NAIVE_SERVICE_C_URL', 'http://localhost:5003')
 
 def log_saga(saga_id, service, status, message):
     conn = get_db_connection()

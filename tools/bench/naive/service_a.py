@@ -1,5 +1,4 @@
-# The seed's (000) service_a.py: Flask development server, one new MySQL connection
-# per request. Changes: port from NAIVE_SERVICE_A_PORT, failure counter behind FAULTS.
+# The seed's service_a.py; changes listed in tools/bench/README.md.
 from flask import Flask, request, jsonify
 from common import get_db_connection, FAULTS, port
 
@@ -8,10 +7,9 @@ failure_counter = {'count': 0}
 
 @app.route('/invoke', methods=['POST'])
 def invoke():
-    if FAULTS:
-        failure_counter['count'] += 1
-        if failure_counter['count'] % 2 == 0:
-            return jsonify({'status': 'fail', 'reason': 'Service A failed before DB transaction'}), 500
+    failure_counter['count'] += 1
+    if FAULTS and failure_counter['count'] % 2 == 0:
+        return jsonify({'status': 'fail', 'reason': 'Service A failed before DB transaction'}), 500
 
     data = request.json
     conn = get_db_connection()

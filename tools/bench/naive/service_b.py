@@ -1,5 +1,4 @@
-# The seed's (000) service_b.py. Changes: port from NAIVE_SERVICE_B_PORT, the
-# "crash after commit" counter behind FAULTS.
+# The seed's service_b.py; changes listed in tools/bench/README.md.
 from flask import Flask, request, jsonify
 from common import get_db_connection, FAULTS, port
 

@@ -1,4 +1,4 @@
-# The seed's (000) service_c.py. Change: port from NAIVE_SERVICE_C_PORT.
+# The seed's service_c.py; changes listed in tools/bench/README.md.
 from flask import Flask, request, jsonify
 from common import get_db_connection, port
 
