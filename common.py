@@ -66,7 +66,7 @@ class Settings:
     backoff_max: float = 2.0
     retention_days: float = 0.0
     web_workers: int = 1
-    web_threads: int = 32
+    web_threads: int = 128
     drivers: int = 32
     consumers: int = 4                                  # event consumers per service process
     db_pool_size: int = 0                               # 0: sized from the thread counts
@@ -103,7 +103,7 @@ def load_settings() -> Settings:
         backoff_max=_env("SAGA_BACKOFF_MAX", 2.0, float, 0, 3600),
         retention_days=_env("SAGA_RETENTION_DAYS", 0.0, float, 0, 100_000),
         web_workers=_env("SAGA_WEB_WORKERS", 1, int, 1, 64),
-        web_threads=_env("SAGA_WEB_THREADS", 32, int, 2, 1000),
+        web_threads=_env("SAGA_WEB_THREADS", 128, int, 9, 1000),
         drivers=_env("SAGA_DRIVERS", 32, int, 1, 1000),
         consumers=_env("SAGA_CONSUMERS", 4, int, 1, 64),
         db_pool_size=_env("SAGA_DB_POOL_SIZE", 0, int, 0, 1000),

@@ -6,7 +6,6 @@ import base64
 import binascii
 import json
 import os
-import threading
 import time
 from decimal import Decimal
 
@@ -25,7 +24,7 @@ from saga.model import ACTIVE, MODES, STATES, Saga, Status, StepKind
 from saga.recovery import start_recovery
 from saga.store import iso, saga_event
 from saga.transport import HttpTransport
-from serving import new_app, require_token, respond, serve
+from serving import WaitingRoom, new_app, require_token, respond, serve
 from validation import (SAGA_ID, ApiError, idempotency_key, json_object,
                         query_choice, query_int, reject_unknown_fields)
 
@@ -33,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Web threads kept free of requests that wait for a saga, so health checks, reads and
 # operator actions are answered however many clients are waiting.
 RESERVED_THREADS = 8
+WEB_CONNECTIONS = 32
 
 
 class Orchestrator:
@@ -40,36 +40,33 @@ class Orchestrator:
 
     def __init__(self, settings, start_background: bool):
         self.settings = settings
-        self.db = Database(settings, pool_size=settings.drivers + settings.web_threads + 4)
+        # A connection for every driver, and for as many web threads at once as a
+        # burst of starts and reads needs (a web thread holds one for a statement or
+        # two; beyond that it waits briefly for one); 4 for heartbeat, recovery, retention.
+        self.db = Database(settings, pool_size=settings.drivers + WEB_CONNECTIONS + 4)
         self.http = HttpTransport(settings, maxsize=settings.drivers + 8)
         transports = {"http": self.http}
         if settings.transport == "kafka":
             from saga.kafka_transport import KafkaTransport
             transports["kafka"] = KafkaTransport(settings)
         self.engine = Engine(settings, self.db, transports)
-        self.waiters = threading.BoundedSemaphore(max(1, settings.web_threads - RESERVED_THREADS))
+        self.waiting = WaitingRoom(settings.web_threads, RESERVED_THREADS)
         if start_background:
             self.engine.start_heartbeat()
             start_recovery(self.engine)
 
-    def await_outcome(self, saga: Saga, future=None) -> dict:
+    def await_outcome(self, saga: Saga, future) -> dict:
         """Wait up to SAGA_START_WAIT for the saga to finish and answer from what the
         database holds: never from a state whose save failed or that another owner has
-        since overwritten. With no thread to spare for waiting, answer at once."""
-        if not self.waiters.acquire(blocking=False):
-            return self.answer_from_store(saga)
+        since overwritten."""
+        deadline = time.monotonic() + self.settings.start_wait
         try:
-            deadline = time.monotonic() + self.settings.start_wait
-            if future is not None:
-                try:
-                    done = future.result(timeout=self.settings.start_wait)
-                    if done.status not in ACTIVE and done.saved_status == done.status:
-                        return answer_of(done)
-                except TimeoutError:
-                    return self.answer_from_store(saga)
-            return self.poll_outcome(saga, deadline)
-        finally:
-            self.waiters.release()
+            done = future.result(timeout=self.settings.start_wait)
+        except TimeoutError:
+            return self.answer_from_store(saga)
+        if done.status not in ACTIVE and done.saved_status == done.status:
+            return answer_of(done)
+        return self.poll_outcome(saga, deadline)
 
     def poll_outcome(self, saga: Saga, deadline: float) -> dict:
         return poll_outcome(self.engine.store, saga, deadline)
@@ -93,19 +90,21 @@ def start_saga(saga_type, body: dict):
     reject_unknown_fields(body, {f.name for f in saga_type.fields})
     data = saga_type.read_input(body)
     key = idempotency_key()
-    try:
-        saga = o.engine.create(saga_type, data, key, request_hash(saga_type.name, data))
-    except KnownStart as known:
-        if not known.same_request:
-            raise ApiError("this Idempotency-Key was already used for a different request "
-                           f"(saga {known.saga_id})", "Idempotency-Key", status=422) from None
-        first = o.engine.store.load(known.saga_id)
-        if first is None:
-            raise ApiError(f"the saga of this Idempotency-Key ({known.saga_id}) was purged",
-                           "Idempotency-Key", status=422) from None
-        answer = o.poll_outcome(first, time.monotonic() + o.settings.start_wait)
-        return respond(answer, repeated=True)
-    return respond(o.await_outcome(saga, o.engine.run(saga)))
+    with o.waiting.seat():
+        try:
+            saga = o.engine.create(saga_type, data, key, request_hash(saga_type.name, data))
+        except KnownStart as known:
+            if not known.same_request:
+                raise ApiError("this Idempotency-Key was already used for a different "
+                               f"request (saga {known.saga_id})", "Idempotency-Key",
+                               status=422) from None
+            first = o.engine.store.load(known.saga_id)
+            if first is None:
+                raise ApiError(f"the saga of this Idempotency-Key ({known.saga_id}) was "
+                               "purged", "Idempotency-Key", status=422) from None
+            answer = o.poll_outcome(first, time.monotonic() + o.settings.start_wait)
+            return respond(answer, repeated=True)
+        return respond(o.await_outcome(saga, o.engine.run(saga)))
 
 
 @starting.post("/start")
@@ -332,7 +331,12 @@ def operator_action(saga_id: str, decide):
     if saga.mode != "orchestration":
         raise ApiError(f"saga {saga_id} is choreographed by the services; the "
                        "orchestrator only reads it", status=409)
-    answer = o.await_outcome(saga, o.engine.run(saga)) if taken else answer_of(saga)
+    if not taken:
+        answer = answer_of(saga)
+    else:
+        future = o.engine.run(saga)
+        with o.waiting.seat():
+            answer = o.await_outcome(saga, future)
     return respond(answer, 202 if answer["status"] in ACTIVE else 200)
 
 

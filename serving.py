@@ -4,6 +4,8 @@ every error, and the bearer-token check."""
 import hmac
 import logging
 import sys
+import threading
+from contextlib import contextmanager
 
 import mysql.connector
 from flask import Flask, jsonify, request
@@ -30,7 +32,10 @@ def install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ApiError)
     def _api_error(exc):
-        return jsonify(exc.body()), exc.status
+        resp = jsonify(exc.body())
+        if exc.retry_after is not None:
+            resp.headers["Retry-After"] = str(exc.retry_after)
+        return resp, exc.status
 
     @app.errorhandler(HTTPException)
     def _http(exc):
@@ -61,6 +66,27 @@ def install_error_handlers(app: Flask) -> None:
 def respond(answer: dict, code: int | None = None, **extra):
     """A saga's answer (saga.answers) as a response: its status decides the code."""
     return jsonify({**public(answer), **extra}), code or answer_code(answer)
+
+
+class WaitingRoom:
+    """The web threads that may wait for a saga's outcome: all but `reserved`, kept free
+    for health checks, reads and operator actions. A request that finds no seat is
+    refused before it writes anything (503): answering it 202 instead would let a client
+    that retries at once pile up sagas faster than they can run."""
+
+    def __init__(self, threads: int, reserved: int):
+        self.seats = max(1, threads - reserved)
+        self._free = threading.BoundedSemaphore(self.seats)
+
+    @contextmanager
+    def seat(self):
+        if not self._free.acquire(blocking=False):
+            raise ApiError(f"{self.seats} requests are already waiting for their saga; "
+                           "nothing was started, try again", status=503, retry_after=1)
+        try:
+            yield
+        finally:
+            self._free.release()
 
 
 def token_ok(settings: Settings) -> bool:

@@ -14,9 +14,11 @@ class ApiError(Exception):
     """A request that cannot be served as asked. One handler turns it into
     {"error": message, "field": field, ...} with `status` (400 unless said otherwise)."""
 
-    def __init__(self, message: str, field: str | None = None, status: int = 400, **extra):
+    def __init__(self, message: str, field: str | None = None, status: int = 400,
+                 retry_after: int | None = None, **extra):
         super().__init__(message)
         self.message, self.field, self.status, self.extra = message, field, status, extra
+        self.retry_after = retry_after   # seconds, for a 503 the client should retry
 
     def body(self) -> dict:
         body = {"error": self.message}

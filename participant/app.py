@@ -20,7 +20,7 @@ from participant.operations import read_accounts
 from saga.answers import request_hash
 from saga.definitions import REGISTRATION
 from saga.errors import KnownStart
-from serving import new_app, respond, serve, token_ok
+from serving import WaitingRoom, new_app, respond, serve, token_ok
 from validation import ApiError, idempotency_key, json_object, reject_unknown_fields
 
 log = logging.getLogger("saga")
@@ -28,7 +28,7 @@ log = logging.getLogger("saga")
 # A service's calls are short (a transaction or two), so fewer threads than the
 # orchestrator's, whose requests wait for whole sagas; some are kept free of /register
 # requests waiting for their saga.
-SERVICE_THREADS = 16
+SERVICE_THREADS = 64
 RESERVED_THREADS = 8
 
 
@@ -36,7 +36,8 @@ def create_service_app(service: str, operations, settings: Settings | None = Non
                        faults: FaultStore | None = None) -> Flask:
     settings = settings or load_settings()
     app = new_app(f"service_{service.lower()}")
-    db = Database(settings, pool_size=SERVICE_THREADS + settings.consumers + 4)
+    # Calls hold a connection for one transaction; those beyond 24 at once wait briefly.
+    db = Database(settings, pool_size=24 + settings.consumers + 4)
     faults = faults or FaultStore(initial_fault(settings.faults, service))
     participant = Participant(service, operations, db, faults, settings)
     app.extensions["participant"] = participant
@@ -44,7 +45,7 @@ def create_service_app(service: str, operations, settings: Settings | None = Non
     if settings.rabbitmq_url != "off":
         choreography = Choreography(service, participant, settings)
         app.extensions["choreography"] = choreography
-    waiters = threading.BoundedSemaphore(SERVICE_THREADS - RESERVED_THREADS)
+    waiting = WaitingRoom(SERVICE_THREADS, RESERVED_THREADS)
 
     @app.before_request
     def check_token():
@@ -82,27 +83,25 @@ def create_service_app(service: str, operations, settings: Settings | None = Non
         reject_unknown_fields(body, {f.name for f in REGISTRATION.fields})
         data = REGISTRATION.read_input(body)
         key = idempotency_key()
-        try:
-            saga, first = choreography.start(data, key, request_hash(REGISTRATION.name, data))
-        except KnownStart as known:
-            if not known.same_request:
-                raise ApiError("this Idempotency-Key was already used for a different "
-                               f"request (saga {known.saga_id})", "Idempotency-Key",
-                               status=422) from None
-            saga = choreography.store.load(known.saga_id)
-            return respond(choreography.wait(saga, settings.start_wait), repeated=True)
-        if first.status >= 500:
-            return jsonify({"error": f"service {service} could not run the first step "
-                                     f"after {settings.max_attempts} attempts; nothing was "
-                                     f"written, try again ({first.body.get('error')})"}), 503
-        if first.after != "off":
-            return reply(first)  # the injected fault strikes after the commit, as for /invoke
-        if not waiters.acquire(blocking=False):
-            return respond(choreography.answer_now(saga))
-        try:
+        with waiting.seat():
+            try:
+                saga, first = choreography.start(data, key,
+                                                 request_hash(REGISTRATION.name, data))
+            except KnownStart as known:
+                if not known.same_request:
+                    raise ApiError("this Idempotency-Key was already used for a different "
+                                   f"request (saga {known.saga_id})", "Idempotency-Key",
+                                   status=422) from None
+                saga = choreography.store.load(known.saga_id)
+                return respond(choreography.wait(saga, settings.start_wait), repeated=True)
+            if first.status >= 500:
+                return jsonify({"error": f"service {service} could not run the first step "
+                                         f"after {settings.max_attempts} attempts; nothing "
+                                         f"was written, try again "
+                                         f"({first.body.get('error')})"}), 503
+            if first.after != "off":
+                return reply(first)  # the injected fault strikes after the commit
             return respond(choreography.wait(saga, settings.start_wait))
-        finally:
-            waiters.release()
 
     @app.get("/accounts")
     def accounts():
