@@ -97,7 +97,9 @@ def test_service_down_is_retried_then_undone_without_waiting_for_it(live_system,
     resp = live_system.start()
     assert resp.status_code == 502, resp.text
     sid = resp.json()["saga"]
-    assert resp.json()["status"] == "COMPENSATED"
+    assert resp.json()["status"] == "COMPENSATED", live_system.query(
+        "SELECT service, action, attempt, status, message FROM SAGA_LOG WHERE saga_id = %s "
+        "ORDER BY id", (sid,))
     assert live_system.calls(sid) == expected_calls(failed, 3, "failed", False)
     messages = live_system.query("SELECT message FROM SAGA_LOG WHERE saga_id = %s AND "
                                  "service = %s AND action = 'invoke'", (sid, failed))

@@ -147,6 +147,16 @@ class PrivateMariaDB:
                            stdin=sql, check=True)
 
 
+def group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
 class System:
     """The four saga processes, each `python <file>.py` in its own process group with
     its log in `logdir`, configured only through the environment."""
@@ -207,10 +217,13 @@ class System:
         os.killpg(self.procs[name].pid, sig)
 
     def kill(self, name):
-        """kill -9 the process and every worker it forked."""
+        """kill -9 the process and every worker it forked, and return once all of them
+        are gone (their sockets closed), not just the one we started."""
         if self.alive(name):
             self.signal(name, signal.SIGKILL)
             self.procs[name].wait(10)
+            wait_for(lambda: not group_alive(self.procs[name].pid), 10,
+                     f"every process of {name} to be gone")
         self.frozen.discard(name)
 
     def freeze(self, name):
