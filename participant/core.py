@@ -79,7 +79,9 @@ class Participant:
             try:
                 answer = {"status": "success", "saga_id": saga_id, "op": op.name,
                           **op.apply(cur, saga_id, values)}
-                self.ledger.record(cur, saga_id, op.name, values, answer)
+                # Without more to write, the entry and the COMMIT go in one round trip.
+                self.ledger.record(cur, saga_id, op.name, values, answer,
+                                   commit=on_commit is None)
             except mysql.connector.IntegrityError as exc:
                 if exc.errno != errorcode.ER_DUP_ENTRY:
                     raise

@@ -4,6 +4,8 @@ database orders them: whichever commits second sees the other."""
 
 import json
 
+from common import commit_with
+
 INVOKED, REFUSED, COMPENSATED = "invoked", "refused", "compensated"
 
 
@@ -22,12 +24,18 @@ class Ledger:
         return {"state": row["state"], "request": _load(row["request"]),
                 "answer": _load(row["answer"])}
 
-    def record(self, cur, saga_id: str, op: str, request: dict, answer: dict) -> None:
-        """The 'invoked' entry, with what was asked and answered; IntegrityError
-        (duplicate key) if the step has an entry already."""
-        cur.execute("INSERT INTO STEP_LEDGER (service, saga_id, op, state, request, answer) "
-                    "VALUES (%s, %s, %s, 'invoked', %s, %s)",
-                    (self.service, saga_id, op, _dump(request), _dump(answer)))
+    def record(self, cur, saga_id: str, op: str, request: dict, answer: dict,
+               commit: bool = False) -> None:
+        """The 'invoked' entry, with what was asked and answered (and, with `commit`,
+        the transaction's COMMIT in the same round trip); IntegrityError (duplicate key)
+        if the step has an entry already."""
+        sql = ("INSERT INTO STEP_LEDGER (service, saga_id, op, state, request, answer) "
+               "VALUES (%s, %s, %s, 'invoked', %s, %s)")
+        params = (self.service, saga_id, op, _dump(request), _dump(answer))
+        if commit:
+            commit_with(cur, sql, params)
+        else:
+            cur.execute(sql, params)
 
     def record_refusal(self, cur, saga_id: str, op: str, request: dict, answer: dict) -> None:
         """IntegrityError (duplicate key) if the step has an entry already."""

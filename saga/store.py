@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import mysql.connector
 from mysql.connector import errorcode
 
-from common import Database
+from common import Database, commit_with
 from saga.definitions import SAGA_TYPES
 from saga.errors import IllegalTransition, KnownStart, LostLease
 from saga.model import ACTIVE, TRANSITIONS, Saga, SagaType, Status
@@ -47,11 +47,25 @@ LOG_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 
 def insert_log(cur, entries) -> None:
     """Write log rows inside the caller's transaction (the log row of a call commits with
-    the state it led to, or not at all). One statement, built here: the driver's
-    executemany re-parses its statement with regular expressions on every call."""
+    the state it led to, or not at all)."""
     if entries:
-        cur.execute(LOG_INSERT + ", ".join([LOG_ROW] * len(entries)),
-                    [value for entry in entries for value in astuple(entry)])
+        sql, params = log_insert(entries)
+        cur.execute(sql, params)
+
+
+def log_insert(entries) -> tuple[str, list]:
+    """One INSERT for all the rows, built here: the driver's executemany re-parses its
+    statement with regular expressions on every call."""
+    return (LOG_INSERT + ", ".join([LOG_ROW] * len(entries)),
+            [value for entry in entries for value in astuple(entry)])
+
+
+def log_insert_if_updated(entries) -> tuple[str, list]:
+    """The same rows, inserted only if the statement just before changed a row (the
+    fenced UPDATE of a save): they then travel in one round trip with it and COMMIT."""
+    select = f"SELECT {', '.join(['%s'] * 11)} FROM DUAL WHERE ROW_COUNT() = 1"
+    return (LOG_INSERT.replace(" VALUES ", " ") + " UNION ALL ".join([select] * len(entries)),
+            [value for entry in entries for value in astuple(entry)])
 
 
 SAGA_COLUMNS = (
@@ -110,12 +124,19 @@ class SagaStore:
         saga = self.new_saga(str(uuid.uuid4()), saga_type, data, mode, transport)
 
         def insert(cur):
-            if key is not None:
-                self.insert_start_key(cur, key, request_hash, saga.id)
-            self.insert_saga(cur, saga, self.owner)
+            try:
+                if key is not None:
+                    self.insert_start_key(cur, key, request_hash, saga.id)
+                sql, params = self.saga_insert(saga, self.owner)
+                commit_with(cur, sql, params)
+            except mysql.connector.IntegrityError as exc:
+                # Tried again after a commit cut off on the way: did that one land?
+                if exc.errno == errorcode.ER_DUP_ENTRY and self.exists(cur, saga.id):
+                    return
+                raise
 
         try:
-            self.db.run(insert)
+            self.db.run(insert, idempotent=True)
         except mysql.connector.IntegrityError as exc:
             if key is None or exc.errno != errorcode.ER_DUP_ENTRY:
                 raise
@@ -139,15 +160,27 @@ class SagaStore:
                     "VALUES (%s, %s, %s)", (key.encode(), request_hash, saga_id))
 
     def insert_saga(self, cur, saga: Saga, owner: str | None) -> None:
-        cur.execute(
-            "INSERT INTO SAGA (id, type, mode, transport, status, step, attempt, input, label, "
-            "results, lease_owner, lease_until, fence, revision) VALUES (%s, %s, %s, %s, "
-            "'RUNNING', 0, 1, %s, %s, '{}', %s, NOW(3) + INTERVAL %s MICROSECOND, 1, 1)",
-            (saga.id, saga.type.name, saga.mode, saga.transport,
-             json.dumps(saga.input, ensure_ascii=False), saga.type.label(saga.input)[:255],
-             owner, self.lease_us if owner else 0))
-        insert_log(cur, [saga_event(saga.id, "STARTED",
-                                    f"{saga.type.name} started ({saga.mode}, {saga.transport})")])
+        """The SAGA row and its STARTED row, inside the caller's transaction."""
+        sql, params = self.saga_insert(saga, owner)
+        cur.execute(sql, params)
+        while cur.nextset():
+            pass
+
+    def saga_insert(self, saga: Saga, owner: str | None) -> tuple[str, list]:
+        logged, log_params = log_insert([saga_event(
+            saga.id, "STARTED", f"{saga.type.name} started ({saga.mode}, {saga.transport})")])
+        return ("INSERT INTO SAGA (id, type, mode, transport, status, step, attempt, input, "
+                "label, results, lease_owner, lease_until, fence, revision) VALUES (%s, %s, "
+                "%s, %s, 'RUNNING', 0, 1, %s, %s, '{}', %s, NOW(3) + INTERVAL %s MICROSECOND, "
+                f"1, 1); {logged}",
+                [saga.id, saga.type.name, saga.mode, saga.transport,
+                 json.dumps(saga.input, ensure_ascii=False), saga.type.label(saga.input)[:255],
+                 owner, self.lease_us if owner else 0, *log_params])
+
+    @staticmethod
+    def exists(cur, saga_id: str) -> bool:
+        cur.execute("SELECT 1 AS found FROM SAGA WHERE id = %s", (saga_id,))
+        return cur.fetchone() is not None
 
     def find_start_key(self, key: str) -> dict | None:
         with self.db.transaction() as cur:
@@ -168,7 +201,9 @@ class SagaStore:
         gives_up = new_compensation and saga.type.compensation_gives_up
 
         def update(cur):
-            cur.execute(
+            logged, log_params = log_insert_if_updated(entries) if entries else ("", [])
+            changed = commit_with(
+                cur,
                 "UPDATE SAGA SET status = %s, step = %s, attempt = %s, results = %s, "
                 "failed_step = %s, reason = %s, rejected = %s, touched = %s, "
                 "revision = revision + 1, "
@@ -177,14 +212,13 @@ class SagaStore:
                 "IF(%s, NULL, compensate_until)), "
                 "lease_owner = IF(%s, NULL, lease_owner), "
                 "lease_until = IF(%s, NOW(3), NOW(3) + INTERVAL %s MICROSECOND) "
-                "WHERE id = %s AND fence = %s AND revision = %s",
+                "WHERE id = %s AND fence = %s AND revision = %s" + (f"; {logged}" if logged else ""),
                 (saga.status.value, saga.step, saga.attempt,
                  json.dumps(saga.results, ensure_ascii=False), saga.failed_step,
                  (saga.reason or "")[:1000] or None, saga.rejected, saga.touched,
                  us(delay), gives_up, self.compensate_us, new_compensation, done, done,
-                 self.lease_us, saga.id, saga.fence, saga.revision))
-            if cur.rowcount == 1:
-                insert_log(cur, entries)
+                 self.lease_us, saga.id, saga.fence, saga.revision, *log_params))
+            if changed == 1:
                 return
             cur.execute("SELECT fence, revision FROM SAGA WHERE id = %s", (saga.id,))
             row = cur.fetchone()
