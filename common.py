@@ -336,17 +336,18 @@ class Database:
             return False
 
 
-def commit_with(cur, sql: str, params=()) -> int:
+def commit_with(cur, sql: str, params=()) -> tuple[int, int]:
     """Run `sql` (one statement or several, separated by ';') and COMMIT, in one round
-    trip to the server; returns the first statement's row count. A transaction's last
-    statements are sent this way on the hot paths: a round trip is most of what a
-    statement costs here. A connection lost on the way raises CommitUnknown."""
+    trip to the server; returns the first statement's row count and new row id. A
+    transaction's last statements are sent this way on the hot paths: a round trip is
+    most of what a statement costs here. A connection lost on the way raises
+    CommitUnknown."""
     try:
         cur.execute(f"{sql}; COMMIT", params)
-        rowcount = cur.rowcount
+        first = cur.rowcount, cur.lastrowid
         while cur.nextset():
             pass
-        return rowcount
+        return first
     except mysql.connector.Error as exc:
         if is_unavailable(exc) and exc.errno not in LOCK_ERRNOS:
             raise CommitUnknown(msg=f"connection lost during a commit: {exc}") from exc

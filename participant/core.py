@@ -72,17 +72,26 @@ class Participant:
         time.sleep(stall_seconds(mode, fault, self.settings.read_timeout))
 
         def work(cur):
-            # The business write first, then its ledger entry with the answer: two
-            # statements. A repeat collides on a unique key (the ledger's, or the
-            # business table's) once the first call has committed, and is answered
-            # from the ledger after this transaction is rolled back.
+            # The business write first, then its ledger entry with the answer. A repeat
+            # collides on a unique key (the ledger's, or the business table's) once the
+            # first call has committed, and is answered from the ledger after this
+            # transaction is rolled back.
+            answer = {"status": "success", "saga_id": saga_id, "op": op.name}
             try:
-                answer = {"status": "success", "saga_id": saga_id, "op": op.name,
-                          **op.apply(cur, saga_id, values)}
+                if op.insert and on_commit is None:
+                    # One INSERT answered by its row id: all of it in one round trip.
+                    answer[op.id_name] = self.ledger.record_with_insert(
+                        cur, op.insert(saga_id, values), saga_id, op.name, values, answer,
+                        op.id_name)
+                    return Answer(200, answer)
+                answer.update(op.apply(cur, saga_id, values))
                 # Without more to write, the entry and the COMMIT go in one round trip.
                 self.ledger.record(cur, saga_id, op.name, values, answer,
                                    commit=on_commit is None)
             except mysql.connector.IntegrityError as exc:
+                refused = op.refusal(exc, values)
+                if refused:
+                    raise refused from None
                 if exc.errno != errorcode.ER_DUP_ENTRY:
                     raise
                 raise Repeat() from None

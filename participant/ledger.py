@@ -24,6 +24,18 @@ class Ledger:
         return {"state": row["state"], "request": _load(row["request"]),
                 "answer": _load(row["answer"])}
 
+    def record_with_insert(self, cur, insert: tuple[str, tuple], saga_id: str, op: str,
+                           request: dict, answer: dict, id_name: str) -> int:
+        """The business INSERT, then the 'invoked' entry whose answer gets the new row's
+        id (LAST_INSERT_ID()) under `id_name`, then COMMIT: one round trip. Returns the
+        new row's id; IntegrityError as for either INSERT."""
+        sql, params = insert
+        _, row_id = commit_with(
+            cur, f"{sql}; INSERT INTO STEP_LEDGER (service, saga_id, op, state, request, "
+                 "answer) VALUES (%s, %s, %s, 'invoked', %s, JSON_SET(%s, %s, LAST_INSERT_ID()))",
+            (*params, self.service, saga_id, op, _dump(request), _dump(answer), f"$.{id_name}"))
+        return row_id
+
     def record(self, cur, saga_id: str, op: str, request: dict, answer: dict,
                commit: bool = False) -> None:
         """The 'invoked' entry, with what was asked and answered (and, with `commit`,

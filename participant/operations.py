@@ -29,6 +29,12 @@ class Operation:
     apply: Callable[[object, str, dict], dict]         # (cursor, saga_id, values) -> answer
     # (cursor, saga_id, values, answer) -> what was undone; None: a pivot, never undone.
     undo: Callable[[object, str, dict, dict], dict] | None = None
+    # For an operation that is one INSERT answered by its new row's id: the statement
+    # and the answer's field, so the participant can send it with the ledger entry and
+    # the COMMIT in one round trip; `refusal` turns its IntegrityError into a Refusal.
+    insert: Callable[[str, dict], tuple[str, tuple]] | None = None
+    id_name: str | None = None
+    refusal: Callable[[Exception, dict], "Refusal | None"] = lambda exc, values: None
 
 
 def table_row(name: str, table: str, id_name: str, readers: dict) -> Operation:
@@ -36,14 +42,24 @@ def table_row(name: str, table: str, id_name: str, readers: dict) -> Operation:
     columns = ", ".join(readers)
     marks = ", ".join(["%s"] * (len(readers) + 1))
 
+    def insert(saga_id, values):
+        return (f"INSERT INTO {table} (saga_id, {columns}) VALUES ({marks})",
+                (saga_id, *values.values()))
+
+    def refusal(exc, values):
+        if getattr(exc, "errno", None) == errorcode.ER_NO_REFERENCED_ROW_2 \
+                and "user_id" in values:
+            return Refusal(f"user_id {values['user_id']} does not exist in TABLE_A",
+                           "user_id")
+        return None
+
     def apply(cur, saga_id, values):
         try:
-            cur.execute(f"INSERT INTO {table} (saga_id, {columns}) VALUES ({marks})",
-                        (saga_id, *values.values()))
+            cur.execute(*insert(saga_id, values))
         except mysql.connector.IntegrityError as exc:
-            if exc.errno == errorcode.ER_NO_REFERENCED_ROW_2 and "user_id" in values:
-                raise Refusal(f"user_id {values['user_id']} does not exist in TABLE_A",
-                              "user_id") from None
+            refused = refusal(exc, values)
+            if refused:
+                raise refused from None
             raise
         return {id_name: cur.lastrowid}
 
@@ -55,7 +71,7 @@ def table_row(name: str, table: str, id_name: str, readers: dict) -> Operation:
     def read(body):
         return {field: reader(body, field) for field, reader in readers.items()}
 
-    return Operation(name, tuple(readers), read, apply, undo)
+    return Operation(name, tuple(readers), read, apply, undo, insert, id_name, refusal)
 
 
 def account_operations(service: str) -> tuple[Operation, Operation]:

@@ -216,7 +216,7 @@ class SagaStore:
 
         def update(cur):
             logged, log_params = log_insert_if_updated(entries) if entries else ("", [])
-            changed = commit_with(
+            changed, _ = commit_with(
                 cur,
                 f"UPDATE SAGA SET status = %s, step = {number(saga.step)}, "
                 f"attempt = {number(saga.attempt)}, results = %s, failed_step = %s, "
