@@ -39,7 +39,7 @@ OUTCOME = dict(
     _409=("SagaAnswer", "COMPENSATED because a service refused a step"),
     _502=("SagaAnswer", "COMPENSATED or FAILED because a service kept failing"),
     _400=("error", ""), _413=("error", ""), _415=("error", ""),
-    _422=("error", "the Idempotency-Key was used for another request"), _503=("error", ""),
+    _422=("error", "the Idempotency-Key was used for another request"), _503=("error", "the database is unreachable, or too many requests are waiting for their saga (Retry-After); nothing written"),
 )
 
 
