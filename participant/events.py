@@ -81,6 +81,39 @@ def declare_topology(channel, settings: Settings, bindings: dict) -> None:
                 "x-dead-letter-routing-key": queue})
 
 
+class BrokerThread(threading.Thread):
+    """A thread that keeps one connection to the broker and does its work over it
+    (`serve`), connecting again with backoff whenever the broker or the database fails
+    under it; it says so once, not on every try."""
+
+    def __init__(self, name: str, settings: Settings, bindings: dict,
+                 stopping: threading.Event):
+        super().__init__(name=name, daemon=True)
+        self.settings, self.bindings, self.stopping = settings, bindings, stopping
+
+    def run(self) -> None:
+        failures = 0
+        while not self.stopping.is_set():
+            connection = None
+            try:
+                connection = connect(self.settings)
+                channel = connection.channel()
+                declare_topology(channel, self.settings, self.bindings)
+                channel.confirm_delivery()
+                failures = 0
+                self.serve(connection, channel)
+            except DropConnection:
+                connection.close()
+            except (*BROKER_ERRORS, mysql.connector.Error, UnsupportedServer) as exc:
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    log.warning("%s: %s; retrying", self.name, exc)
+                self.stopping.wait(backoff_delay(0.1, 2.0, failures))
+
+    def serve(self, connection, channel) -> None:
+        raise NotImplementedError
+
+
 class Outbox:
     """The statements on OUTBOX."""
 
@@ -109,33 +142,16 @@ class Outbox:
         return cur.rowcount
 
 
-class Relay(threading.Thread):
+class Relay(BrokerThread):
     """Publishes this service's committed events, oldest first, with confirms."""
 
     def __init__(self, service: str, db: Database, settings: Settings, bindings: dict,
                  stopping: threading.Event):
-        super().__init__(name=f"relay-{service}", daemon=True)
-        self.service, self.db, self.settings, self.bindings = service, db, settings, bindings
-        self.stopping = stopping
+        super().__init__(f"relay-{service}", settings, bindings, stopping)
+        self.service, self.db = service, db
         self.wake = threading.Event()   # set after this process commits an event
 
-    def run(self) -> None:
-        failures = 0
-        while not self.stopping.is_set():
-            try:
-                connection = connect(self.settings)
-                channel = connection.channel()
-                declare_topology(channel, self.settings, self.bindings)
-                channel.confirm_delivery()
-                failures = 0
-                self.relay(connection, channel)
-            except (*BROKER_ERRORS, mysql.connector.Error, UnsupportedServer) as exc:
-                failures += 1
-                if failures in (1, 10) or failures % 100 == 0:
-                    log.warning("relay %s: %s; retrying", self.service, exc)
-                self.stopping.wait(backoff_delay(0.1, 2.0, failures))
-
-    def relay(self, connection, channel) -> None:
+    def serve(self, connection, channel) -> None:
         next_scan = 0.0
         while not self.stopping.is_set():
             woken = self.wake.wait(0.05)
@@ -172,39 +188,22 @@ class Relay(threading.Thread):
         return self.db.run(publish, attempts=2)
 
 
-class Consumer(threading.Thread):
+class Consumer(BrokerThread):
     """Takes this service's events one at a time and acknowledges each only after its
     handler finished. `handle(event, payload, attempt)` returns "done", "retry" (the
     handler failed and may succeed later), "crash" or "drop" (an injected fault)."""
 
     def __init__(self, service: str, settings: Settings, bindings: dict, handle,
                  stopping: threading.Event, number: int):
-        super().__init__(name=f"consumer-{service}-{number}", daemon=True)
-        self.service, self.settings, self.bindings = service, settings, bindings
-        self.handle, self.stopping = handle, stopping
+        super().__init__(f"consumer-{service}-{number}", settings, bindings, stopping)
+        self.service, self.handle = service, handle
         self.delays = retry_delays(settings)
 
-    def run(self) -> None:
-        failures = 0
+    def serve(self, connection, channel) -> None:
+        channel.basic_qos(prefetch_count=1)
+        channel.basic_consume(service_queue(self.settings, self.service), self.on_message)
         while not self.stopping.is_set():
-            try:
-                connection = connect(self.settings)
-                channel = connection.channel()
-                declare_topology(channel, self.settings, self.bindings)
-                channel.confirm_delivery()
-                channel.basic_qos(prefetch_count=1)
-                channel.basic_consume(service_queue(self.settings, self.service),
-                                      self.on_message)
-                failures = 0
-                while not self.stopping.is_set():
-                    connection.process_data_events(time_limit=0.2)
-            except DropConnection:
-                connection.close()
-            except (*BROKER_ERRORS, mysql.connector.Error, UnsupportedServer) as exc:
-                failures += 1
-                if failures in (1, 10) or failures % 100 == 0:
-                    log.warning("consumer %s: %s; retrying", self.service, exc)
-                self.stopping.wait(backoff_delay(0.1, 2.0, failures))
+            connection.process_data_events(time_limit=0.2)
 
     def on_message(self, channel, deliver, properties, body: bytes) -> None:
         headers = properties.headers or {}

@@ -74,6 +74,17 @@ def mariadb(tmp_path_factory):
     server.stop()
 
 
+def expected_calls(failed, attempts, status, undo_failed, steps="ABC"):
+    """The calls SAGA_LOG must show for a registration whose step `failed` failed
+    `attempts` times: the steps before it succeed, then its attempts, then the undo in
+    reverse of every step that may have written (the failed one too if undo_failed)."""
+    done = steps[:steps.index(failed)]
+    undone = done + failed if undo_failed else done
+    return ([(s, "invoke", 1, "success") for s in done]
+            + [(failed, "invoke", n, status) for n in range(1, attempts + 1)]
+            + [(s, "compensate", 1, "success") for s in reversed(undone)])
+
+
 def in_background(fn, *args, **kwargs):
     """Run fn in a thread; returns (thread, answer) where answer gets 'resp' or 'error'."""
     answer = {}
@@ -205,15 +216,19 @@ class LiveSystem:
                  timeout, "no saga to be running or compensating")
 
     def wait_kafka_ready(self, timeout=60):
-        """Until every command partition of every service has a consumer (a group join
-        takes a couple of seconds), so a test's first command is not left waiting."""
+        """Until every command partition of every service has a consumer and every
+        service process has a partition of its own (a group join, and the rebalance
+        when a second member joins, take a couple of seconds), so a test's first
+        command is not left waiting."""
         def ready():
             covered = {s: set() for s in SERVICES}
             for name in self.system.names:
                 if name.startswith("service_") and self.system.alive(name):
                     health = requests.get(self.system.url(name) + "/health", timeout=5).json()
-                    covered[health["service"]] |= set(health.get("kafka", {}).get(
-                        "partitions", []))
+                    mine = set(health.get("kafka", {}).get("partitions", []))
+                    if not mine:
+                        return False
+                    covered[health["service"]] |= mine
             return all(parts == {0, 1} for parts in covered.values())
         wait_for(ready, timeout, "every Kafka command partition to have a consumer", 0.2)
 

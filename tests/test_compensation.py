@@ -4,19 +4,10 @@ outcome is unknown), leaving no row behind."""
 
 import pytest
 
-from conftest import in_background, join
+from conftest import expected_calls, in_background, join
 from launcher import wait_for
 
 STEPS = "ABC"
-
-
-def expected_calls(failed, attempts, status, undo_failed):
-    """The calls SAGA_LOG must show when step `failed` fails `attempts` times."""
-    done = STEPS[:STEPS.index(failed)]
-    undone = done + failed if undo_failed else done
-    return ([(s, "invoke", 1, "success") for s in done]
-            + [(failed, "invoke", n, status) for n in range(1, attempts + 1)]
-            + [(s, "compensate", 1, "success") for s in reversed(undone)])
 
 
 @pytest.mark.parametrize("failed", STEPS)

@@ -5,7 +5,7 @@ restarts empty (this one keeps messages in memory only) costs retries, never a s
 
 import pytest
 
-from conftest import SEED_INPUT, in_background, join
+from conftest import SEED_INPUT, expected_calls, in_background, join
 from launcher import wait_for
 
 STEPS = "ABC"
@@ -32,20 +32,12 @@ def test_transfer_over_kafka_moves_the_money(kafka_system):
     kafka_system.assert_money_conserved()
 
 
-def expected(failed, attempts, status, undo_failed):
-    done = STEPS[:STEPS.index(failed)]
-    undone = done + failed if undo_failed else done
-    return ([(s, "invoke", 1, "success") for s in done]
-            + [(failed, "invoke", n, status) for n in range(1, attempts + 1)]
-            + [(s, "compensate", 1, "success") for s in reversed(undone)])
-
-
 @pytest.mark.parametrize("failed", STEPS)
 def test_failing_step_over_kafka_is_retried_then_undone(kafka_system, failed):
     kafka_system.set_fault(failed, mode="fail")
     resp = kafka_system.start()
     assert resp.status_code == 502, resp.text
-    assert kafka_system.calls(resp.json()["saga"]) == expected(failed, 3, "failed", True)
+    assert kafka_system.calls(resp.json()["saga"]) == expected_calls(failed, 3, "failed", True)
     assert kafka_system.row_counts() == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
 
 
@@ -54,7 +46,7 @@ def test_refusal_over_kafka_undoes_the_steps_before_it(kafka_system, failed):
     kafka_system.set_fault(failed, mode="reject")
     resp = kafka_system.start()
     assert resp.status_code == 409, resp.text
-    assert kafka_system.calls(resp.json()["saga"]) == expected(failed, 1, "rejected", False)
+    assert kafka_system.calls(resp.json()["saga"]) == expected_calls(failed, 1, "rejected", False)
 
 
 @pytest.mark.parametrize("failed", STEPS)

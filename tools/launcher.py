@@ -3,16 +3,16 @@ four saga processes. Used by the tests, chaos.py and bench.py (not by the demo, 
 uses the machine's MariaDB and honcho)."""
 
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import mysql.connector
 import requests
+
+from brokers import pick_free_port as free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)  # the project: its processes and schema.sql
@@ -21,20 +21,6 @@ COLLATION = "utf8mb4_unicode_ci"
 PROCESSES = ("orchestrator", "service_a", "service_b", "service_c")
 SBIN = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/bin", "/usr/local/bin",
         "/opt/homebrew/sbin")
-
-
-def free_port():
-    """A port free right now, drawn below the kernel's ephemeral range (32768 and up):
-    a port the kernel hands out for port 0 is also what it picks for outgoing
-    connections, which could take it before the server we start binds it."""
-    while True:
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
 
 
 def find_binary(*names):
