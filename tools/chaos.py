@@ -9,9 +9,26 @@ database.
     python chaos.py --sagas 10000 --clients 16 --db-restarts 3      # the long run
     python chaos.py --saga transfer --sagas 3000 --clients 16 --orchestrators 2 --db-restarts 2
     python chaos.py --saga mixed --sagas 2000 --clients 16         # both saga types at once
+    python chaos.py --mode choreography --sagas 3000 --second-b --db-restarts 2 \
+        --broker-share 0.1
+    python chaos.py --transport kafka --saga transfer --sagas 3000 --clients 16 \
+        --orchestrators 2 --second-b --db-restarts 2
 
 --saga picks what the clients run: registrations (the default), money transfers (a
 Jepsen-style bank test) or a mix of the two.
+
+--mode choreography runs registrations the services choreograph by RabbitMQ events: the
+clients POST /register to service A, each with an Idempotency-Key (a request that got no
+answer is sent again with it), and no orchestrator runs (--with-orchestrator starts
+it too, and the chaos hits it like the rest). --transport kafka has the orchestrator(s)
+send every step as a Kafka command (any --saga). Either way the harness starts a private
+broker for the run (tools/brokers.py: RabbitMQ, or Tansu speaking Kafka), points every
+process at it, and the chaos kills it -9, stops it gracefully or freezes it
+(--broker-share of the actions, and at least one kill and one freeze): RabbitMQ comes
+back with its durable queues after its 5-8 s boot, Tansu at once but empty (it keeps
+everything in memory). --second-b adds a second process of B (service_b2) sharing B's
+work, its Kafka command partitions or its RabbitMQ queue; the chaos kills and freezes it
+too, and a fault set on B is set on both.
 
 By default it starts everything itself, in a temporary directory: a private MariaDB
 server (launcher.PrivateMariaDB), a fresh database with schema.sql, the orchestrator(s)
@@ -25,11 +42,14 @@ leases. A chaos thread then, at random (seeded) moments:
   - sets a fault on a service (fail, reject, drop, crash, hang; every N-th, at a rate or
     for the next K calls; on invoke, compensate or both) for 1-6 s;
   - and, with --db-restarts K, stops (or kills -9) the database and starts it again K
-    times, spread over the run.
+    times, spread over the run;
+  - with a broker (above), kills it -9 or stops it, starting it again on its port
+    0.5-3 s later, or freezes it for 0.5-3 s.
 
-Every process (each orchestrator, A, B, C) is killed and frozen, and every service gets a
-fault, at least once if the run lasts long enough (most of the first actions cover them,
-in a shuffled order).
+Every process (each orchestrator, A, B, C, service_b2, the broker) is killed and frozen,
+and every service gets a fault, at least once if the run lasts long enough (most of the
+first actions cover them, in a shuffled order; one that cannot be done now, its target
+being down, is tried again after the others).
 
 Clients (--clients, spread over the orchestrators) each POST /start and record every
 answer: HTTP code, saga id, status. "Connection refused" (nothing was sent) and 503
@@ -54,9 +74,11 @@ snapshot, that each balance is its opening minus the debits STEP_LEDGER holds as
 'invoked' plus the credits it holds as 'invoked': a service writes its ledger entry and
 moves the money in one transaction, so this holds at every instant, not only at rest.
 
-Then chaos stops: frozen processes are thawed, dead ones restarted, faults turned off,
-and the harness waits (bounded, polling the database) until no saga is RUNNING or
-COMPENSATING, waits a grace period for late requests to land, and checks in the
+Then chaos stops: frozen processes (and the broker) are thawed, dead ones restarted,
+faults turned off, and the harness waits (bounded, polling the database) until no saga is
+RUNNING or COMPENSATING (in a choreography: and no OUTBOX event is unpublished), waits a
+grace period for late requests to land (in a choreography: and until no event waits in
+the services' queues, a broker restart handing some out again), and checks in the
 database that:
 
   - every saga is COMPLETED with exactly one row in each of TABLE_A/B/C (B's and C's
@@ -76,14 +98,23 @@ database that:
     amounts debited and credited) the answer gave; every 409 answer's saga is COMPENSATED
     (rejected), every 502 answer's COMPENSATED or FAILED; every 202 answer's saga exists;
     each answer names a saga made from what that client sent, and the answers to one
-    key all name one saga; /start and /transfer never answered another code but 503
-    (the database unavailable: retried, and noted if the database was up);
-  - no process exited on its own (only the harness kills them), and none logged an
-    ERROR (an unexpected exception: a 500). MariaDB's deadlocks are noted, not failed.
+    key all name one saga; /start, /transfer and /register never answered another code
+    but 503 (the database unavailable, or A could not run the first step: nothing was
+    made; retried, and noted if the database was up);
+  - every saga ran as the run asked (SAGA.mode and .transport: choreography over
+    rabbitmq, or orchestration over http or kafka);
+  - (choreography) every registration was made by one Idempotency-Key of this run and no
+    username was registered twice; no OUTBOX event is left unpublished, none was written
+    twice; no saga's SAGA_LOG shows a step done twice, undone twice, an event published
+    twice or the saga settled twice; and no event is left in the services' queues;
+  - no process (nor the broker) exited on its own (only the harness kills them), and
+    none logged an ERROR (an unexpected exception: a 500). MariaDB's deadlocks are
+    noted, not failed.
 
-It prints a summary (seed and replay command, answers by code, outcomes, chaos actions
-per process, settle time, violations with the SAGA row and SAGA_LOG of the first few
-sagas involved) and exits 1 on any violation, 2 if the harness itself could not run.
+It prints a summary (seed and replay command, the mode and transport, answers by code,
+outcomes, chaos actions per process and on the broker, settle time, violations with the
+SAGA row, SAGA_LOG and OUTBOX of the first few sagas involved) and exits 1 on any
+violation, 2 if the harness itself could not run.
 The run directory (process logs, the chaos action log, the database) is removed after a
 clean run and kept, with its path printed, after a violation (or with --keep).
 
@@ -130,8 +161,10 @@ import requests
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+sys.path.append(ROOT)   # the project's own modules: the names of its queues and partitions
 
-from launcher import PrivateMariaDB, System, free_port  # noqa: E402
+from brokers import PrivateKafka, PrivateRabbitMQ, list_descendants  # noqa: E402
+from launcher import PrivateMariaDB, System, free_port, wait_for  # noqa: E402
 
 # Short timeouts and leases so failures and takeovers happen fast; a long compensation
 # budget so a compensation survives a process being down for a while without going FAILED.
@@ -146,10 +179,22 @@ CHAOS_ENV = {
     "SAGA_BACKOFF_MAX": "0.5",
     "SAGA_LEASE_SECONDS": "1",
     "SAGA_RECOVERY_INTERVAL": "0.2",
-    # The harness drives orchestrated sagas; without a broker, the services' event relay
-    # and consumers would only log their failed connections.
+    # Orchestrated runs need no RabbitMQ; without a broker, the services' event relay and
+    # consumers would only log their failed connections. A choreography run sets it.
     "RABBITMQ_URL": "off",
 }
+# Over Kafka a killed service process holds its command partitions until its group
+# notices (2-3 s): three attempts of 2 s outlast that. Each of its processes takes its
+# commands one at a time, and a broker restart or a rebalance stalls them all for
+# seconds, so a compensation gets a longer budget than over HTTP.
+KAFKA_ENV = {"SAGA_TRANSPORT": "kafka", "SAGA_READ_TIMEOUT": "2", "SAGA_COMPENSATE_FOR": "120"}
+# How the sagas run: orchestrated (over HTTP or Kafka), or choreographed by the services
+# over RabbitMQ (registrations only, started at A's POST /register).
+MODES = ("orchestration", "choreography")
+TRANSPORTS = ("http", "kafka")
+# The share of chaos actions aimed at the broker: Kafka (Tansu) is back in a fraction of a
+# second, RabbitMQ takes 5-8 s to boot, during which no event moves.
+BROKER_SHARE = {False: 0.06, True: 0.03}     # by "is it RabbitMQ"
 SERVICES = {"A": "service_a", "B": "service_b", "C": "service_c"}
 ACTIVE = ("RUNNING", "COMPENSATING")
 TABLES = ("TABLE_A", "TABLE_B", "TABLE_C")
@@ -172,20 +217,30 @@ def say(*parts):
 
 class ChaosSystem(System):
     """launcher.System plus extra orchestrators ("orchestrator2", ...) on their own ports,
-    sharing the database and the services, and a start that does not wait (the chaos
-    thread must not block on a process booting while the database is down)."""
+    sharing the database and the services, a second process of a service ("service_b2")
+    when asked, no orchestrator at all for a choreography, and a start that does not wait
+    (the chaos thread must not block on a process booting while the database is down)."""
 
-    def __init__(self, logdir, env, orchestrators=1):
-        super().__init__(logdir, env, orchestrators)
+    def __init__(self, logdir, env, orchestrators=1, second_instances=(), with_orchestrator=True):
+        super().__init__(logdir, env, orchestrators, second_instances)
         self.orchestrators = ["orchestrator"] + [f"orchestrator{n}"
                                                  for n in range(2, orchestrators + 1)]
+        if not with_orchestrator:
+            self.orchestrators = []
         for name in self.orchestrators:
             self.ports.setdefault(name, free_port())
-        self.names = self.orchestrators + list(SERVICES.values())
+        self.names = self.orchestrators + list(SERVICES.values()) + [
+            f"service_{s.lower()}2" for s in second_instances]
+
+    def instances(self, svc):
+        """The processes of service `svc` ("A", "B", "C")."""
+        return [n for n in self.names if n.rstrip("0123456789") == SERVICES[svc]]
 
     def spawn(self, name):
-        script = "orchestrator" if name.startswith("orchestrator") else name
-        env = {**self.env, "ORCHESTRATOR_PORT": str(self.ports[name])}
+        script = name.rstrip("0123456789")
+        port_of = "ORCHESTRATOR_PORT" if name.startswith("orchestrator") \
+            else f"SERVICE_{script[-1].upper()}_PORT"
+        env = {**self.env, port_of: str(self.ports[name])}
         with open(os.path.join(self.logdir, f"{name}.log"), "ab") as log:
             log.write(f"\n===== chaos: starting {name} at {time.strftime('%H:%M:%S')}\n".encode())
             log.flush()
@@ -199,6 +254,24 @@ class ChaosSystem(System):
             self.spawn(name)
         for name in names:
             self.wait_healthy(name, timeout=60)
+
+    def wait_kafka_ready(self, timeout=60):
+        """Until every command partition of every service has a consumer (a group join
+        takes a couple of seconds), so the first commands are not left waiting."""
+        from kafka_io import COMMAND_PARTITIONS
+
+        def ready():
+            covered = {svc: set() for svc in SERVICES}
+            for name in self.names:
+                if name.startswith("service_") and self.alive(name):
+                    try:
+                        health = requests.get(self.url(name) + "/health", timeout=2).json()
+                    except (requests.RequestException, ValueError):
+                        return False
+                    covered[health["service"]] |= set(health.get("kafka", {}).get(
+                        "partitions", []))
+            return all(parts >= set(range(COMMAND_PARTITIONS)) for parts in covered.values())
+        wait_for(ready, timeout, "every Kafka command partition to have a consumer", 0.2)
 
 
 class Database:
@@ -281,6 +354,7 @@ class Answer:
     kind: str = "registration"
     sent: dict = field(default_factory=dict)   # the request's body
     repeated: bool = False    # answered about the saga an earlier request with its key made
+    key: str | None = None    # the Idempotency-Key the request carried
 
 
 @dataclass
@@ -315,8 +389,9 @@ class Clients:
     under its Idempotency-Key, which makes at most one saga whatever was made before."""
 
     def __init__(self, urls, sagas, clients, seed, tag, timeout, deadline, retry_for,
-                 saga="registration"):
+                 saga="registration", mode="orchestration"):
         self.urls, self.sagas, self.clients, self.saga = urls, sagas, clients, saga
+        self.mode = mode
         self.seed, self.tag, self.timeout = seed, tag, timeout
         self.deadline, self.retry_for = deadline, retry_for
         self.lock = threading.Lock()
@@ -334,11 +409,12 @@ class Clients:
     def username(self, index):
         return f"{self.tag}-{index}"
 
-    def key(self, index):
-        return f"{self.tag}-t{index}"
+    def key(self, index, kind="transfer"):
+        return f"{self.tag}-{kind[0]}{index}"
 
     def key_prefix(self):
-        return f"{self.tag}-t"
+        """What every Idempotency-Key of this run starts with."""
+        return f"{self.tag}-"
 
     def request(self, index, rng):
         """Saga request number `index`. A transfer is drawn from the seed and its number
@@ -348,9 +424,13 @@ class Clients:
         if kind == "mixed":
             kind = pick.choice(("registration", "transfer"))
         if kind == "registration":
-            return Request(kind, "/start", {"username": self.username(index),
-                                            "address": f"{index} Chaos Street, Zoë-Stadt",
-                                            "payment": rng.choice(PAYMENTS)})
+            payload = {"username": self.username(index),
+                       "address": f"{index} Chaos Street, Zoë-Stadt",
+                       "payment": rng.choice(PAYMENTS)}
+            if self.mode == "choreography":
+                # Started at A, with a key: a request that got no answer is sent again.
+                return Request(kind, "/register", payload, self.key(index, kind))
+            return Request(kind, "/start", payload)
         source, target = pick.sample(ACCOUNTS, 2)
         cents = pick.randint(1, MAX_TRANSFER_CENTS)
         amount = f"{cents // 100}.{cents % 100:02d}"
@@ -422,7 +502,7 @@ class Clients:
                 self._record(Answer(index, url, None, None, None, None,
                                     f"{type(exc).__name__}: {str(exc)[:200]}",
                                     time.monotonic() - started, kind=req.kind,
-                                    sent=req.payload))
+                                    sent=req.payload, key=req.key))
                 # With a key, asking again is safe: it answers about the saga the first
                 # request made, if it made one, and makes it if not.
                 if req.key and self._retry("no answer (same key)", give_up):
@@ -441,7 +521,7 @@ class Clients:
             answer = Answer(index, url, resp.status_code, body.get("saga"), body.get("status"),
                             body.get("results"), error, time.monotonic() - started,
                             kind=req.kind, sent=req.payload,
-                            repeated=body.get("repeated") is True)
+                            repeated=body.get("repeated") is True, key=req.key)
             self._record(answer)
             if resp.status_code == 503 and answer.saga is None:
                 # The database was unreachable and /start made nothing (or, if its commit
@@ -460,9 +540,18 @@ class Chaos(threading.Thread):
     events that undo them (restart, thaw, fault off). Each tick draws the same random
     numbers whatever the outcome, so a seed replays the same sequence of actions."""
 
-    def __init__(self, args, rng, system, server, clients, actions_log):
+    def __init__(self, args, rng, system, server, clients, actions_log, broker=None):
         super().__init__(name="chaos", daemon=True)
         self.args, self.rng, self.system, self.server = args, rng, system, server
+        # The run's message broker (RabbitMQ for a choreography, Kafka for that
+        # transport), killed, stopped and frozen like a process, under its kind's name.
+        self.broker = broker
+        self.broker_name = broker.kind if broker else None
+        self.broker_thread = None
+        self.broker_freezes = 0
+        self.broker_frozen = False
+        self.broker_restarts = []            # (how, downtime, seconds to serve again)
+        self.broker_windows = []             # (down, up) in time.monotonic()
         self.clients, self.actions_log = clients, actions_log
         self.stop_event = threading.Event()
         self.events = []                     # heap of (due, seq, kind, name, generation)
@@ -483,10 +572,13 @@ class Chaos(threading.Thread):
                               for j in range(args.db_restarts)]
         self.errors = []
         self.started = time.monotonic()
+        self.covered_at = None               # seconds into the run when coverage was done
         names = system.names if system else []
         self.coverage = [(a, n) for n in names for a in ("kill", "freeze")]
         if system:
             self.coverage += [("fault", svc) for svc in SERVICES]
+        if broker:
+            self.coverage += [("kill", self.broker_name), ("freeze", self.broker_name)]
         self.rng.shuffle(self.coverage)
 
     # -- bookkeeping
@@ -538,6 +630,11 @@ class Chaos(threading.Thread):
         freeze_for = self.rng.uniform(0.5, 3.0)
         fault_for = self.rng.uniform(1.0, 6.0)
         take_coverage = self.rng.random() < 0.7
+        # Drawn only when there is a broker, so the seeds of runs without one replay
+        # as before.
+        broker_roll = self.rng.random() if self.broker else 1.0
+        broker_how = self.rng.choices(("kill", "stop"), (0.8, 0.2))[0] if self.broker else None
+        broker_down = self.rng.uniform(0.5, 3.0) if self.broker else 0.0
         covering = False
         if self.system is None:
             kind = "fault"
@@ -546,6 +643,10 @@ class Chaos(threading.Thread):
             covering = True
             if kind == "fault":
                 svc = target
+        elif broker_roll < self.args.broker_share:
+            # Mostly a kill or a graceful stop, now and then a freeze.
+            kind = "freeze" if broker_roll < self.args.broker_share / 4 else broker_how
+            target = self.broker_name
         elif r < 0.30:
             kind = "kill"
         elif r < 0.55:
@@ -561,19 +662,25 @@ class Chaos(threading.Thread):
         elif mode == "slow":
             fault["seconds"] = round(seconds / 4, 2)    # under the 1 s read timeout
         return {"kind": kind, "target": target, "svc": svc, "fault": fault, "delay": delay,
-                "freeze_for": freeze_for, "fault_for": fault_for, "covering": covering}
+                "freeze_for": freeze_for, "fault_for": fault_for, "covering": covering,
+                "broker_down": broker_down}
 
     def act(self, a):
         if not self._act(a) and a["covering"]:
             # A covering action that cannot be done now (its target is down or frozen)
-            # goes back on the list, to be tried again next time.
-            self.coverage.append((a["kind"], a["target"]))
+            # goes back on the list, behind the others, to be tried again later.
+            self.coverage.insert(0, (a["kind"], a["target"]))
+        elif a["covering"] and not self.coverage and self.covered_at is None:
+            self.covered_at = time.monotonic() - self.started
+            self.note("every process killed and frozen, every service given a fault")
 
     def _act(self, a):
         kind, name = a["kind"], a["target"]
         s = self.system
         if kind == "fault":
             return self.set_fault(a["svc"], a["fault"], a["fault_for"])
+        if name == self.broker_name:
+            return self.act_on_broker(kind, a["broker_down"], a["freeze_for"])
         if name in self.dead or not s.alive(name):
             return self.note(f"skip {kind} {name}: it is down")
         if name in s.frozen and kind != "kill":
@@ -602,7 +709,12 @@ class Chaos(threading.Thread):
     def run_due_events(self, now):
         while self.events and self.events[0][0] <= now:
             _, _, kind, name, generation = heapq.heappop(self.events)
-            if kind == "thaw":
+            if kind == "thaw" and name == self.broker_name:
+                if self.broker_frozen and self.broker_freezes == generation:
+                    self.signal_broker(signal.SIGCONT)
+                    self.broker_frozen = False
+                    self.note(f"SIGCONT {name}")
+            elif kind == "thaw":
                 if (name in self.system.frozen and self.freezes[name] == generation
                         and self.system.alive(name)):
                     self.system.thaw(name)
@@ -611,8 +723,14 @@ class Chaos(threading.Thread):
                 self.restart(name)
             elif kind == "fault_off":
                 if self.fault_generation[name] == generation:
-                    self.put_fault(name, {"mode": "off"})
-                    self.note(f"fault off on {name}")
+                    _, missed = self.put_fault(name, {"mode": "off"})
+                    if missed:
+                        # Frozen (or too busy to answer): its fault would last to the end
+                        # of the run; try again shortly.
+                        self.note(f"fault off on {name}: {missed} not reachable, again in 0.5s")
+                        self.schedule(0.5, "fault_off", name, generation)
+                    else:
+                        self.note(f"fault off on {name}")
 
     def restart(self, name):
         s = self.system
@@ -629,6 +747,13 @@ class Chaos(threading.Thread):
         """Processes that died without us: a process must never exit on its own."""
         if self.system is None:
             return
+        if self.broker and not self.broker_busy() and not self.broker.alive():
+            rc = self.broker.proc.returncode if self.broker.proc else None
+            self.unexpected_exits.append((self.broker_name, rc))
+            self.note(f"{self.broker_name} exited on its own with {rc}; starting it again")
+            self.broker_thread = threading.Thread(target=self.restart_broker,
+                                                  args=("start", 0.0), daemon=True)
+            self.broker_thread.start()
         for name in self.system.names:
             if name not in self.dead and name in self.system.procs and not self.system.alive(name):
                 rc = self.system.procs[name].returncode
@@ -640,29 +765,128 @@ class Chaos(threading.Thread):
     # -- faults
 
     def put_fault(self, svc, fault):
-        try:
-            if self.system is not None:
-                name = SERVICES[svc]
-                if name in self.dead or name in self.system.frozen or not self.system.alive(name):
-                    return False
-                resp = requests.put(self.system.url(name) + "/faults", json=fault, timeout=1)
-            else:
-                headers = {"Authorization": f"Bearer {self.args.token}"} if self.args.token else {}
+        """Set the fault on every process of service `svc` that can take it now.
+        Returns (the processes that took it, those alive that could not: frozen, or
+        too busy to answer)."""
+        if self.system is None:
+            headers = {"Authorization": f"Bearer {self.args.token}"} if self.args.token else {}
+            try:
                 resp = requests.put(self.args.url[0] + f"/faults/{svc}", json=fault,
                                     headers=headers, timeout=3)
-            return resp.status_code == 200
-        except requests.RequestException:
-            return False
+                if resp.status_code == 200:
+                    return [svc], []
+            except requests.RequestException:
+                pass
+            return [], [svc]
+        took, missed = [], []
+        for name in self.system.instances(svc):
+            if name in self.dead or not self.system.alive(name):
+                continue   # it comes back without a fault
+            if name in self.system.frozen:
+                missed.append(name)
+                continue
+            try:
+                resp = requests.put(self.system.url(name) + "/faults", json=fault, timeout=1)
+                (took if resp.status_code == 200 else missed).append(name)
+            except requests.RequestException:
+                missed.append(name)
+        return took, missed
 
     def set_fault(self, svc, fault, lifetime):
-        if self.put_fault(svc, fault):
+        took, _ = self.put_fault(svc, fault)
+        if took:
             self.fault_generation[svc] += 1
             self.counts[f"service_{svc.lower()}"]["fault"] += 1
-            self.note(f"fault on {svc}: {json.dumps(fault)} for {lifetime:.2f}s")
+            where = "" if took == [SERVICES[svc]] or self.system is None else f" ({', '.join(took)})"
+            self.note(f"fault on {svc}{where}: {json.dumps(fault)} for {lifetime:.2f}s")
             self.schedule(lifetime, "fault_off", svc, self.fault_generation[svc])
             return True
         self.note(f"skip fault on {svc}: {json.dumps(fault)} (service not reachable)")
         return False
+
+    # -- the broker
+
+    def broker_busy(self):
+        return bool(self.broker_thread and self.broker_thread.is_alive())
+
+    def act_on_broker(self, kind, downtime, freeze_for):
+        name = self.broker_name
+        if self.broker_busy() or not self.broker.alive():
+            return self.note(f"skip {kind} {name}: it is down")
+        if self.broker_frozen and kind != "kill":
+            return self.note(f"skip {kind} {name}: it is frozen")
+        if kind == "freeze":
+            self.signal_broker(signal.SIGSTOP)
+            self.broker_frozen = True
+            self.broker_freezes += 1
+            self.counts[name]["freeze"] += 1
+            self.note(f"SIGSTOP {name} for {freeze_for:.2f}s")
+            self.schedule(freeze_for, "thaw", name, self.broker_freezes)
+            return True
+        self.broker_frozen = False
+        self.counts[name][kind] += 1
+        self.broker_thread = threading.Thread(target=self.restart_broker, args=(kind, downtime),
+                                              name="broker-restart", daemon=True)
+        self.broker_thread.start()
+        return True
+
+    def signal_broker(self, sig):
+        """The broker's process group and every descendant (some call setsid)."""
+        pid = self.broker.proc.pid
+        for child in [pid] + list_descendants(pid):
+            try:
+                os.kill(child, sig)
+            except ProcessLookupError:
+                pass
+
+    def restart_broker(self, how, downtime):
+        """kill -9 (or stop gracefully) the broker, wait `downtime`, start it again on
+        its port; a RabbitMQ node keeps its durable queues, a memory-only Kafka broker
+        comes back empty."""
+        name = self.broker_name
+        try:
+            began = time.monotonic()
+            if how != "start":
+                self.note(f"{name}: {'kill -9' if how == 'kill' else 'stop'}, start again "
+                          f"{downtime:.2f}s later")
+                self.broker_windows.append((began, None))
+                self.broker.kill() if how == "kill" else self.broker.stop()
+                time.sleep(downtime)
+            for attempt in range(1, 4):
+                try:
+                    self.broker.start()
+                    break
+                except RuntimeError:
+                    if attempt == 3:
+                        raise
+                    self.note(f"{name} did not start (attempt {attempt}); trying again")
+                    time.sleep(1)
+            took = time.monotonic() - began
+            if how != "start":
+                self.broker_windows[-1] = (began, time.monotonic())
+                self.broker_restarts.append((how, round(downtime, 2), round(took, 2)))
+            self.counts[name]["start"] += 1
+            self.note(f"{name} serving again ({took:.2f}s after {how})")
+        except Exception:
+            self.errors.append(f"{name} restart failed:\n" + traceback.format_exc())
+            self.note(f"{name} restart failed")
+
+    def finish_broker(self):
+        """After the chaos: the broker thawed, and running."""
+        if self.broker is None:
+            return
+        if self.broker_thread:
+            self.broker_thread.join(120)
+        if self.broker_frozen:
+            self.signal_broker(signal.SIGCONT)
+            self.broker_frozen = False
+        if not self.broker.alive():
+            self.unexpected_exits.append((self.broker_name, self.broker.proc.returncode))
+            self.broker.start()
+
+    def broker_was_down(self, at, margin=5.0):
+        return any(down - 0.5 <= at <= (up or float("inf")) + margin
+                   for down, up in self.broker_windows)
 
     # -- the database
 
@@ -670,7 +894,7 @@ class Chaos(threading.Thread):
         """Whether some promised chaos has not happened yet: a process not yet killed or
         frozen, a service without a fault, a database restart still to come."""
         return bool(self.coverage or self.db_thresholds
-                    or (self.db_thread and self.db_thread.is_alive()))
+                    or (self.db_thread and self.db_thread.is_alive()) or self.broker_busy())
 
     def maybe_restart_database(self):
         self.check_processes()
@@ -824,9 +1048,13 @@ class Checker:
     # may move money during the run (one whose insert committed late).
     BASELINE_MARGIN = 5
 
-    def __init__(self, db, scope_prefix=None, allow_failed=False, key_prefix=None):
+    def __init__(self, db, scope_prefix=None, allow_failed=False, key_prefix=None,
+                 run_as=None):
         self.db, self.prefix, self.allow_failed = db, scope_prefix, allow_failed
         self.key_prefix = key_prefix
+        # (mode, transport) every saga must carry, when the run owns the database.
+        self.run_as = run_as
+        self.choreography = bool(run_as and run_as[0] == "choreography")
         self.violations = []
         self.suspects = []        # saga ids to dump
         self.notes = []
@@ -849,6 +1077,15 @@ class Checker:
         where, params = self.scope()
         where = (where + " AND" if where else " WHERE") + " status IN ('RUNNING', 'COMPENSATING')"
         return self.db.query("SELECT COUNT(*) FROM SAGA" + where, params)[0][0]
+
+    def unpublished_count(self):
+        """Events committed to OUTBOX that no relay has published yet."""
+        return self.db.query("SELECT COUNT(*) FROM OUTBOX WHERE published_at IS NULL")[0][0]
+
+    def busy_count(self):
+        """What the system still has to do: sagas running or compensating, and (in a
+        choreography) events not yet published."""
+        return self.active_count() + (self.unpublished_count() if self.choreography else 0)
 
     def key_sagas(self):
         """{Idempotency-Key: the saga it made} for this run's keys."""
@@ -877,14 +1114,15 @@ class Checker:
             conn.close()
         self.baseline = (since, running, settled, accounts)
 
-    def check(self, answers, keys=None):
+    def check(self, answers, banking=False):
         where, params = self.scope()
         sagas = {}
-        for sid, status, rejected, label, kind, data, reason in self.db.query(
-                "SELECT id, status, rejected, label, type, input, reason FROM SAGA" + where,
-                params):
+        for sid, status, rejected, label, kind, data, reason, mode, transport in self.db.query(
+                "SELECT id, status, rejected, label, type, input, reason, mode, transport "
+                "FROM SAGA" + where, params):
             sagas[sid] = {"status": status, "rejected": bool(rejected), "label": label,
-                          "type": kind, "input": json.loads(data), "reason": reason or ""}
+                          "type": kind, "input": json.loads(data), "reason": reason or "",
+                          "run_as": (mode, transport)}
         rows = {t: defaultdict(list) for t in TABLES}
         for sid, rid in self.db.query("SELECT saga_id, id FROM TABLE_A"):
             rows["TABLE_A"][sid].append((rid, rid))
@@ -924,20 +1162,80 @@ class Checker:
                 if len(found) > 1:
                     self.violation(f"{t} has {len(found)} rows for saga {sid}", sid)
         transfers = {sid: saga for sid, saga in sagas.items() if saga["type"] == "transfer"}
-        if keys or transfers:
+        if banking or transfers:
             self.check_bank(transfers, ledger, all_ids, key_sagas)
+        if self.run_as:
+            self.check_run_as(sagas)
+        if self.choreography:
+            self.check_registration_keys(sagas, key_sagas)
+            self.check_events()
         # What the clients were told.
         told = defaultdict(set)
         for a in answers:
-            self.check_answer(a, sagas, rows, key_sagas, keys)
-            if a.saga is not None and a.kind == "transfer":
-                told[a.index].add(a.saga)
-        for index, named in told.items():
+            self.check_answer(a, sagas, rows, key_sagas)
+            if a.saga is not None and a.key is not None:
+                told[(a.kind, a.index)].add(a.saga)
+        for (kind, index), named in told.items():
             if len(named) > 1:
-                self.violation(f"transfer request #{index} was answered about {len(named)} "
+                self.violation(f"{kind} request #{index} was answered about {len(named)} "
                                f"sagas under one Idempotency-Key: {sorted(named)}",
                                sorted(named)[0])
         return outcomes
+
+    def check_run_as(self, sagas):
+        """Every saga ran the way the run asked for (a choreography over RabbitMQ, or
+        orchestrated over the transport given)."""
+        wrong = Counter(saga["run_as"] for saga in sagas.values()
+                        if saga["run_as"] != self.run_as)
+        for (mode, transport), n in wrong.items():
+            sid = next(s for s, saga in sagas.items() if saga["run_as"] == (mode, transport))
+            self.violation(f"{n} saga(s) ran as {mode} over {transport}, not "
+                           f"{self.run_as[0]} over {self.run_as[1]} (e.g. {sid})", sid)
+
+    def check_registration_keys(self, sagas, key_sagas):
+        """Registrations sent with an Idempotency-Key (a choreography's /register): each
+        saga was made by one key of this run, and no username was registered twice."""
+        made = set(key_sagas.values())
+        labels = Counter(saga["label"] for saga in sagas.values()
+                         if saga["type"] == "registration")
+        for sid, saga in sagas.items():
+            if saga["type"] != "registration":
+                continue
+            if sid not in made:
+                self.violation(f"registration {sid} ({saga['label']}) was not made by any "
+                               "Idempotency-Key of this run", sid)
+            if labels[saga["label"]] > 1:
+                self.violation(f"{saga['label']} was registered by {labels[saga['label']]} "
+                               "sagas (one request, one key)", sid)
+
+    def check_events(self):
+        """A choreography's events: every one published by quiet, none written twice,
+        and no step done (or undone) twice by the services' reactions."""
+        for sid, service, event, created in self.db.query(
+                "SELECT saga_id, service, event, created_at FROM OUTBOX "
+                "WHERE published_at IS NULL ORDER BY id LIMIT 20"):
+            self.violation(f"OUTBOX: {service}'s event {event} of saga {sid} (written "
+                           f"{created}) is still unpublished at quiet", sid)
+        for sid, service, event, n in self.db.query(
+                "SELECT saga_id, service, event, COUNT(*) FROM OUTBOX GROUP BY saga_id, "
+                "service, event HAVING COUNT(*) > 1 LIMIT 20"):
+            self.violation(f"OUTBOX: {service} wrote event {event} of saga {sid} {n} times", sid)
+        for sid, service, action, n in self.db.query(
+                "SELECT saga_id, service, action, COUNT(*) FROM SAGA_LOG WHERE service <> "
+                "'SAGA' AND action IN ('invoke', 'compensate') AND status = 'success' "
+                "GROUP BY saga_id, service, action HAVING COUNT(*) > 1 LIMIT 20"):
+            self.violation(f"SAGA_LOG: saga {sid}'s step at {service} was "
+                           f"{'done' if action == 'invoke' else 'undone'} {n} times", sid)
+        for sid, service, event, n in self.db.query(
+                "SELECT saga_id, service, event, COUNT(*) FROM SAGA_LOG WHERE action = "
+                "'publish' GROUP BY saga_id, service, event HAVING COUNT(*) > 1 LIMIT 20"):
+            self.violation(f"SAGA_LOG: {service} logged publishing {event} of saga {sid} "
+                           f"{n} times (an OUTBOX row claimed twice)", sid)
+        for sid, events in self.db.query(
+                "SELECT saga_id, GROUP_CONCAT(status ORDER BY id) FROM SAGA_LOG WHERE service "
+                "= 'SAGA' AND status IN ('COMPLETED', 'COMPENSATED', 'FAILED') GROUP BY "
+                "saga_id HAVING COUNT(*) > 1 LIMIT 20"):
+            self.violation(f"SAGA_LOG: saga {sid} settled more than once: {events}", sid)
 
     def check_registration(self, sid, status, rows, entries):
         counts = {t: len(rows[t].get(sid, ())) for t in TABLES}
@@ -1083,7 +1381,7 @@ class Checker:
         return ({a: b for a, (_, b) in accounts.items()},
                 "checked against the reading before the run (no one else moved money)")
 
-    def check_answer(self, a, sagas, rows, key_sagas, keys):
+    def check_answer(self, a, sagas, rows, key_sagas):
         said = f"answer {a.code} {a.status} to {a.kind} request #{a.index}"
         if a.code is None:
             return
@@ -1102,13 +1400,12 @@ class Checker:
                     money(data.get("amount", 0)) != money(a.sent["amount"]):
                 self.violation(f"{said}: saga {a.saga} is {saga['type']} {data}, not the "
                                f"transfer {a.sent} that was sent", a.saga)
-            key = keys(a.index) if keys else None
-            if key is not None and key_sagas.get(key) != a.saga:
-                self.violation(f"{said}: its Idempotency-Key made saga "
-                               f"{key_sagas.get(key)}, not {a.saga}", a.saga)
         elif saga["type"] != "registration" or saga["label"] != a.sent.get("username"):
             self.violation(f"{said}: saga {a.saga} is {saga['type']} {saga['label']!r}, not "
                            f"the registration of {a.sent.get('username')!r}", a.saga)
+        if a.key is not None and key_sagas.get(a.key) != a.saga:
+            self.violation(f"{said}: its Idempotency-Key made saga "
+                           f"{key_sagas.get(a.key)}, not {a.saga}", a.saga)
         if a.code == 200:
             if a.status != "COMPLETED":
                 self.violation(f"{said}: 200 with status {a.status}", a.saga)
@@ -1165,9 +1462,15 @@ class Checker:
             out.append("    " + " | ".join(str(v) for v in r))
         out.append("  SAGA_LOG:")
         for r in self.db.query("SELECT id, created_at, service, action, step, attempt, status, "
-                               "http_status, elapsed_ms, message FROM SAGA_LOG "
+                               "http_status, elapsed_ms, event, message FROM SAGA_LOG "
                                "WHERE saga_id = %s ORDER BY id", (sid,)):
             out.append("    " + " | ".join(str(v) for v in r))
+        outbox = self.db.query("SELECT id, service, event, created_at, published_at FROM OUTBOX "
+                               "WHERE saga_id = %s ORDER BY id", (sid,))
+        if outbox:
+            out.append("  OUTBOX:")
+            for r in outbox:
+                out.append("    " + " | ".join(str(v) for v in r))
         return "\n".join(out)
 
 
@@ -1183,6 +1486,10 @@ def parse_args(argv):
                                 epilog="Long runs: python chaos.py --sagas 10000 --clients 16 "
                                        "--db-restarts 3; python chaos.py --saga transfer "
                                        "--sagas 3000 --clients 16 --orchestrators 2 "
+                                       "--db-restarts 2; python chaos.py --mode choreography "
+                                       "--sagas 3000 --second-b --db-restarts 2 --broker-share "
+                                       "0.1; python chaos.py --transport kafka --saga transfer "
+                                       "--sagas 3000 --clients 16 --orchestrators 2 --second-b "
                                        "--db-restarts 2")
     p.add_argument("--sagas", type=int, default=200, help="saga requests to make (default 200)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
@@ -1191,6 +1498,23 @@ def parse_args(argv):
                    "(a bank test: balances sampled, money conserved) or a mix of both")
     p.add_argument("--seed", type=int, default=None, help="seed for the chaos and the inputs "
                    "(default: random, printed)")
+    p.add_argument("--mode", choices=MODES, default="orchestration",
+                   help="orchestrated sagas (default), or registrations choreographed by the "
+                   "services over a private RabbitMQ, started at A's POST /register with an "
+                   "Idempotency-Key; no orchestrator runs unless --with-orchestrator")
+    p.add_argument("--transport", choices=TRANSPORTS, default="http",
+                   help="how the orchestrator calls the services: HTTP (default) or Kafka "
+                   "commands through a private Kafka-protocol broker")
+    p.add_argument("--with-orchestrator", action="store_true",
+                   help="choreography: run the orchestrator(s) too (its recovery must leave "
+                   "choreographed sagas alone), and kill and freeze it like the rest")
+    p.add_argument("--second-b", action="store_true",
+                   help="a second process of service B (service_b2) sharing its work: its "
+                   "Kafka command partitions, or its RabbitMQ queue")
+    p.add_argument("--broker-share", type=float, default=None,
+                   help="with a broker: the share of chaos actions aimed at it (kill -9, "
+                   "graceful stop, freeze; default 0.03 for RabbitMQ, whose restart takes "
+                   "5-8 s, and 0.06 for Kafka)")
     p.add_argument("--orchestrators", type=int, default=1,
                    help="orchestrator processes sharing the database (default 1)")
     p.add_argument("--db-restarts", type=int, default=0,
@@ -1232,6 +1556,25 @@ def parse_args(argv):
         p.error("--orchestrators starts processes; with --url, pass --url once per orchestrator")
     if args.sagas < 1 or args.clients < 1 or args.orchestrators < 1 or args.db_restarts < 0:
         p.error("--sagas, --clients and --orchestrators must be at least 1")
+    if args.url and (args.mode != "orchestration" or args.transport != "http" or args.second_b):
+        p.error("--mode choreography, --transport kafka and --second-b start a broker and "
+                "processes: the harness must own the system (no --url)")
+    if args.mode == "choreography":
+        if args.saga != "registration":
+            p.error("--mode choreography runs registrations only (--saga registration)")
+        if args.transport != "http":
+            p.error("a choreography travels over RabbitMQ: --transport does not apply")
+        if args.orchestrators != 1 and not args.with_orchestrator:
+            p.error("--orchestrators needs --with-orchestrator in a choreography")
+    elif args.with_orchestrator:
+        p.error("--with-orchestrator is for --mode choreography (orchestrated runs have one)")
+    if args.second_b and args.mode == "orchestration" and args.transport == "http":
+        p.error("--second-b needs --transport kafka or --mode choreography (over HTTP the "
+                "orchestrator calls one URL per service)")
+    if args.broker_share is None:
+        args.broker_share = BROKER_SHARE[args.mode == "choreography"]
+    if not 0 <= args.broker_share <= 1:
+        p.error("--broker-share must be from 0 to 1")
     if args.max_seconds is None:
         args.max_seconds = 120 + args.sagas / 2
     return args
@@ -1242,6 +1585,16 @@ def replay_command(args):
            f"--clients {args.clients}"]
     if args.saga != "registration":
         cmd.append(f"--saga {args.saga}")
+    if args.mode != "orchestration":
+        cmd.append(f"--mode {args.mode}")
+    if args.transport != "http":
+        cmd.append(f"--transport {args.transport}")
+    if args.with_orchestrator:
+        cmd.append("--with-orchestrator")
+    if args.second_b:
+        cmd.append("--second-b")
+    if uses_broker(args) and args.broker_share != BROKER_SHARE[args.mode == "choreography"]:
+        cmd.append(f"--broker-share {args.broker_share}")
     if args.orchestrators != 1:
         cmd.append(f"--orchestrators {args.orchestrators}")
     if args.db_restarts:
@@ -1259,15 +1612,47 @@ def replay_command(args):
     return " ".join(cmd)
 
 
+def uses_broker(args):
+    return args.mode == "choreography" or args.transport == "kafka"
+
+
+def run_as(args):
+    """(mode, transport) as the SAGA table records them for this run's sagas."""
+    if args.mode == "choreography":
+        return ("choreography", "rabbitmq")
+    return ("orchestration", args.transport)
+
+
+def describe_run(args):
+    mode, transport = run_as(args)
+    parts = [f"{mode} over {transport}"]
+    if args.mode == "choreography":
+        parts.append(f"{args.orchestrators} orchestrator(s) running beside it"
+                     if args.with_orchestrator else "no orchestrator")
+    else:
+        parts.append(f"{args.orchestrators} orchestrator(s)")
+    if args.second_b:
+        parts.append("two processes of B")
+    return ", ".join(parts)
+
+
 def start_owned(args, rundir):
-    say(f"starting a private MariaDB and {args.orchestrators} orchestrator(s) + A, B, C "
-        f"in {rundir}")
+    say(f"starting a private MariaDB, {describe_run(args)}, in {rundir}")
     server = PrivateMariaDB(os.path.join(rundir, "mariadb"))
     server.install()
     server.start()
     log_deadlocks(server)
     dbname = server.create_database("saga_chaos")
     env = dict(CHAOS_ENV)
+    broker = None
+    if args.mode == "choreography":
+        broker = PrivateRabbitMQ(os.path.join(rundir, "broker"))
+        broker.start()
+        env["RABBITMQ_URL"] = broker.url
+    elif args.transport == "kafka":
+        broker = PrivateKafka(os.path.join(rundir, "broker"))
+        broker.start()
+        env.update(KAFKA_ENV, KAFKA_BOOTSTRAP=broker.bootstrap)
     for item in args.env:
         name, _, value = item.partition("=")
         env[name] = value
@@ -1275,10 +1660,13 @@ def start_owned(args, rundir):
                 "SAGA_DB_USER": "saga", "SAGA_DB_PASSWORD": "saga", "SAGA_DB_NAME": dbname})
     logdir = os.path.join(rundir, "logs")
     os.makedirs(logdir)
-    system = ChaosSystem(logdir, env, args.orchestrators)
+    system = ChaosSystem(logdir, env, args.orchestrators, ("B",) if args.second_b else (),
+                         with_orchestrator=args.mode != "choreography" or args.with_orchestrator)
     system.start()
+    if args.transport == "kafka":
+        system.wait_kafka_ready()
     db = Database("127.0.0.1", server.port, "saga", "saga", dbname)
-    return server, system, db, env
+    return server, broker, system, db, env
 
 
 def log_deadlocks(server):
@@ -1298,6 +1686,50 @@ def deadlocks(server):
         queries = re.findall(r"^(?:INSERT|UPDATE|SELECT|DELETE)[^\n]*", block, re.M)
         found.append(" / ".join(re.sub(r"'[^']*'", "?", q)[:110] for q in queries[:2]))
     return found
+
+
+def queued_events(broker, env):
+    """{queue: messages ready} for the run's RabbitMQ queues (each service's, and its
+    retry queues) that are not empty; names as the services make them."""
+    import pika
+    from common import Settings
+    from participant.events import retry_delays, retry_queue, service_queue
+    settings = Settings(db_name=env["SAGA_DB_NAME"], max_attempts=int(env["SAGA_MAX_ATTEMPTS"]),
+                        backoff_base=float(env["SAGA_BACKOFF_BASE"]),
+                        backoff_max=float(env["SAGA_BACKOFF_MAX"]))
+    waiting = {}
+    conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+    try:
+        for svc in SERVICES:
+            for queue in [service_queue(settings, svc)] + [
+                    retry_queue(settings, svc, d) for d in retry_delays(settings)]:
+                channel = conn.channel()
+                try:
+                    ready = channel.queue_declare(queue, passive=True).method.message_count
+                    channel.close()
+                except pika.exceptions.ChannelClosedByBroker:
+                    continue   # never declared
+                if ready:
+                    waiting[queue] = ready
+    finally:
+        conn.close()
+    return waiting
+
+
+def wait_events_drained(broker, env, timeout):
+    """Until no event waits in the run's queues (a broker killed before it stored an
+    acknowledgement hands the message out again: it must be taken as a repeat)."""
+    deadline = time.monotonic() + timeout
+    waiting = None
+    while time.monotonic() < deadline:
+        try:
+            waiting = queued_events(broker, env)
+            if not waiting:
+                return {}
+        except Exception as exc:   # the broker is still coming back
+            waiting = {"(broker not reachable)": str(exc)[:100]}
+        time.sleep(0.5)
+    return waiting
 
 
 def recover_everything(system, chaos):
@@ -1324,7 +1756,9 @@ def recover_everything(system, chaos):
 
 
 def faults_off(args, system):
-    for svc, name in SERVICES.items():
+    targets = [(svc, name) for svc in SERVICES for name in
+               (system.instances(svc) if system is not None else [None])]
+    for svc, name in targets:
         resp = None
         for _ in range(20):
             try:
@@ -1346,7 +1780,8 @@ def faults_off(args, system):
         else:
             detail = (f"HTTP {resp.status_code}: {resp.text[:200]}" if resp is not None
                       else "no answer")
-            raise RuntimeError(f"could not turn faults off on service {svc} ({detail})")
+            raise RuntimeError(f"could not turn faults off on {name or 'service ' + svc} "
+                               f"({detail})")
 
 
 APP_ERROR = re.compile(r"^\S+ \S+ (orchestrator|service_[abc]) (ERROR|CRITICAL) ")
@@ -1368,11 +1803,13 @@ def scan_logs(logdir):
 
 
 def wait_quiet(checker, timeout):
+    """Until no saga is running or compensating (and, in a choreography, no event waits
+    in OUTBOX); returns (seconds waited, what was still busy at the end)."""
     began = time.monotonic()
     last = None
     while True:
         try:
-            last = checker.active_count()
+            last = checker.busy_count()
             if last == 0:
                 return time.monotonic() - began, 0
         except mysql.connector.Error:
@@ -1393,9 +1830,24 @@ def summarize(args, clients, chaos, checker, outcomes, timing, stuck, extra_note
         bank = {**checker.bank, **(sampler.figures() if sampler else {})}
     per_process = {name: dict(c) for name, c in sorted(chaos.counts.items())} if chaos else {}
     db_restarts = chaos.db_restarts if chaos else []
+    broker = None
+    if uses_broker(args):
+        acted = chaos.counts.get(chaos.broker_name, {}) if chaos else {}
+        broker = {"kind": "rabbitmq" if args.mode == "choreography" else "kafka",
+                  "kills": acted.get("kill", 0), "stops": acted.get("stop", 0),
+                  "freezes": acted.get("freeze", 0),
+                  "restarts": chaos.broker_restarts if chaos else []}
+    mode, transport = run_as(args)
     summary = {
         "seed": args.seed,
         "saga": args.saga,
+        "mode": mode,
+        "transport": transport,
+        "run": describe_run(args),
+        "orchestrator_running": args.mode != "choreography" or args.with_orchestrator,
+        "second_b": args.second_b,
+        "broker": broker,
+        "broker_kills": broker["kills"] if broker else 0,
         "replay": replay_command(args),
         "sagas_requested": args.sagas,
         "sagas_sent": clients.sent(),
@@ -1422,6 +1874,7 @@ def summarize(args, clients, chaos, checker, outcomes, timing, stuck, extra_note
         "db_restarts_requested": args.db_restarts,
         "unexpected_exits": chaos.unexpected_exits if chaos else [],
         "coverage_left": chaos.coverage if chaos else [],
+        "covered_after": round(chaos.covered_at, 1) if chaos and chaos.covered_at else None,
         "timing": timing,
         "violations": checker.violations,
         "notes": extra_notes.get("notes", []),
@@ -1429,6 +1882,7 @@ def summarize(args, clients, chaos, checker, outcomes, timing, stuck, extra_note
     say("")
     say(f"===== chaos summary (seed {args.seed}) =====")
     say(f"replay:      {summary['replay']}")
+    say(f"run:         {args.saga} sagas, {summary['run']}")
     say(f"sagas:       {args.sagas} requested, {summary['sagas_sent']} sent"
         f"{' (stopped at --max-seconds)' if clients.stopped_early else ''}, "
         f"{summary['sagas_in_db']} in the database")
@@ -1467,8 +1921,17 @@ def summarize(args, clients, chaos, checker, outcomes, timing, stuck, extra_note
         else:
             say(f"database:    {len(db_restarts)} of {args.db_restarts} restart(s) "
                 + ", ".join(f"{m} (down {d}s, back after {t}s)" for m, d, t in db_restarts))
+        if broker:
+            back = [t for _, _, t in broker["restarts"]]
+            say(f"broker:      {broker['kind']} killed -9 {broker['kills']}, stopped "
+                f"{broker['stops']}, frozen {broker['freezes']} time(s)"
+                + (f"; serving again {min(back):.1f}-{max(back):.1f}s after each"
+                   if back else ""))
         if chaos.unexpected_exits:
             say(f"exits:       processes that died on their own: {chaos.unexpected_exits}")
+    if summary["covered_after"] is not None:
+        say(f"coverage:    every process{' and the broker' if broker else ''} killed and "
+            f"frozen, every service given a fault, after {summary['covered_after']}s")
     say(f"timing:      chaos phase {timing['chaos_phase']:.1f}s, recovery (thaw/restart) "
         f"{timing['recover']:.1f}s, settle to quiet {timing['settle']:.1f}s "
         f"(from chaos stop), total {timing['total']:.1f}s")
@@ -1490,13 +1953,15 @@ def main(argv=None):
     owned = not args.url
     rundir = tempfile.mkdtemp(prefix=f"saga-chaos-{args.seed}-")
     keep = args.keep
-    server = system = chaos = sampler = None
+    server = broker = system = chaos = sampler = None
     banking = args.saga != "registration"     # the run moves money
     began = time.monotonic()
     try:
         if owned:
-            server, system, db, env = start_owned(args, rundir)
-            urls = [system.url(n) for n in system.orchestrators]
+            server, broker, system, db, env = start_owned(args, rundir)
+            # A choreography starts at A's /register; the rest at the orchestrators.
+            urls = [system.url("service_a")] if args.mode == "choreography" else \
+                [system.url(n) for n in system.orchestrators]
             client_timeout = float(env["SAGA_START_WAIT"]) + 30
         else:
             urls = [u.rstrip("/") for u in args.url]
@@ -1505,8 +1970,10 @@ def main(argv=None):
             client_timeout = 90
             faults_off(args, None)   # fails early without the operator token
         clients = Clients(urls, args.sagas, args.clients, args.seed, tag, client_timeout,
-                          time.monotonic() + args.max_seconds, retry_for=120, saga=args.saga)
-        checker = Checker(db, None if owned else tag, args.allow_failed, clients.key_prefix())
+                          time.monotonic() + args.max_seconds, retry_for=120, saga=args.saga,
+                          mode=args.mode)
+        checker = Checker(db, None if owned else tag, args.allow_failed, clients.key_prefix(),
+                          run_as(args) if owned else None)
         if banking:
             if not owned:
                 checker.take_baseline()
@@ -1514,11 +1981,12 @@ def main(argv=None):
             sampler.start()
         actions_log = open(os.path.join(rundir, "chaos-actions.log"), "w")
         if not args.no_chaos:
-            chaos = Chaos(args, rng, system, server, clients, actions_log)
+            chaos = Chaos(args, rng, system, server, clients, actions_log, broker)
             clients.more = chaos.unfinished
         say(f"running {args.sagas} {'' if args.saga == 'registration' else args.saga + ' '}"
-            f"sagas from {args.clients} clients over {len(urls)} "
-            f"orchestrator(s){'' if chaos else ' without chaos'}"
+            f"sagas from {args.clients} clients, "
+            + (describe_run(args) if owned else f"over {len(urls)} orchestrator(s)")
+            + f"{'' if chaos else ', without chaos'}"
             f"{'; sampling balances every 50 ms' if sampler else ''}")
         chaos_began = time.monotonic()
         clients.start()
@@ -1539,6 +2007,7 @@ def main(argv=None):
             chaos.stop_event.set()
             chaos.join(30)
             chaos.finish_database()
+            chaos.finish_broker()
         recover_began = time.monotonic()
         if system:
             recover_everything(system, chaos)
@@ -1550,13 +2019,22 @@ def main(argv=None):
             # Late requests (a hang fault sleeps past the read timeout) land now or never.
             time.sleep(args.grace)
             _, stuck = wait_quiet(checker, args.settle_timeout)
+        queued = {}
+        if not stuck and args.mode == "choreography":
+            # Events handed out again after a broker restart are taken as repeats; none
+            # may be left waiting (nor change anything: the checks come after).
+            queued = wait_events_drained(broker, env, args.settle_timeout / 3)
+            _, stuck = wait_quiet(checker, args.settle_timeout)
+        stuck = checker.active_count()
+        for queue, ready in queued.items():
+            checker.violation(f"events still queued at quiet: {queue}: {ready}")
         if sampler:
             sampler.stop()
             checker.violations.extend(sampler.violations)
             for err in sampler.errors:
                 checker.violations.append("harness: sampler: " + err.strip().splitlines()[-1])
         answers = list(clients.answers)
-        outcomes = checker.check(answers, clients.key if banking else None)
+        outcomes = checker.check(answers, banking)
         notes = {"notes": list(checker.notes)}
         if chaos:
             for err in chaos.errors:
@@ -1591,12 +2069,12 @@ def main(argv=None):
                 notes["notes"].append("gunicorn errors: " + "; ".join(
                     f"{n}x {text}" for text, n in server_errors.most_common(5)))
         usernames = {clients.username(a.index) for a in answers
-                     if a.code is None and a.kind == "registration"}
+                     if a.code is None and a.kind == "registration" and a.key is None}
         if usernames:
             where = ", ".join(["%s"] * len(usernames))
             notes["no_answer_exists"] = db.query(
                 f"SELECT COUNT(*) FROM SAGA WHERE label IN ({where})", tuple(usernames))[0][0]
-        keys = {clients.key(a.index) for a in answers if a.code is None and a.kind == "transfer"}
+        keys = {a.key for a in answers if a.code is None and a.key is not None}
         if keys:
             notes["no_answer_exists"] = notes.get("no_answer_exists", 0) + len(
                 keys & set(checker.key_sagas()))
@@ -1635,6 +2113,14 @@ def main(argv=None):
                 system.stop()
             except Exception:
                 pass
+        if broker:
+            try:
+                broker.stop()
+            except Exception:
+                try:
+                    broker.kill()
+                except Exception:
+                    pass
         if server:
             try:
                 server.stop()
@@ -1645,7 +2131,8 @@ def main(argv=None):
                     pass
         if keep:
             say(f"run directory kept: {rundir} "
-                f"({'logs/, chaos-actions.log, mariadb/' if owned else 'chaos-actions.log'})")
+                f"({'logs/, chaos-actions.log, mariadb/' if owned else 'chaos-actions.log'}"
+                f"{', broker/' if broker else ''})")
         else:
             shutil.rmtree(rundir, ignore_errors=True)
 
