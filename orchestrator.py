@@ -55,6 +55,19 @@ class Orchestrator:
             self.engine.start_heartbeat()
             start_recovery(self.engine)
 
+    def drive_and_answer(self, saga: Saga) -> dict:
+        """Drive the new saga on this request's thread for up to SAGA_START_WAIT and
+        answer from what the database holds: never from a state whose save failed or
+        that another owner has since overwritten."""
+        deadline = time.monotonic() + self.settings.start_wait
+        done = self.engine.drive_for(saga, self.settings.start_wait)
+        if done.status not in ACTIVE and done.saved_status == done.status:
+            return answer_of(done)
+        if time.monotonic() >= deadline:
+            return self.answer_from_store(saga)
+        # Taken over by another orchestrator or an operator: watch it finish.
+        return self.poll_outcome(saga, deadline)
+
     def await_outcome(self, saga: Saga, future) -> dict:
         """Wait up to SAGA_START_WAIT for the saga to finish and answer from what the
         database holds: never from a state whose save failed or that another owner has
@@ -104,7 +117,7 @@ def start_saga(saga_type, body: dict):
                                "purged", "Idempotency-Key", status=422) from None
             answer = o.poll_outcome(first, time.monotonic() + o.settings.start_wait)
             return respond(answer, repeated=True)
-        return respond(o.await_outcome(saga, o.engine.run(saga)))
+        return respond(o.drive_and_answer(saga))
 
 
 @starting.post("/start")

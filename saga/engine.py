@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import mysql.connector
 
 from common import Database, Settings, UnsupportedServer, backoff_delay, is_unavailable
-from saga.errors import LostLease
+from saga.errors import HandOver, LostLease
 from saga.model import ACTIVE, Outcome, Saga, SagaType, Status, StepKind
 from saga.store import LogEntry, SagaStore, saga_event
 
@@ -49,31 +49,52 @@ class Engine:
             self._active[saga.id] += 1
         return self.executor.submit(self._drive, saga, resumed)
 
+    def drive_for(self, saga: Saga, seconds: float) -> Saga:
+        """Drive `saga` on the calling thread, a request waiting for it (no hop to a
+        driver thread), for up to `seconds`; then a driver thread carries on with what
+        is left. Returns the saga where this thread left it."""
+        with self._active_lock:
+            self._active[saga.id] += 1
+        saga.hand_over_at = time.monotonic() + seconds
+        return self._drive(saga, False)
+
     def active_ids(self) -> list[str]:
         with self._active_lock:
             return list(self._active)
 
     def _drive(self, saga: Saga, resumed: bool) -> Saga:
+        handed_over = False
         try:
+            if saga.unsaved:
+                self._persist(saga, *saga.unsaved)
             if resumed:
                 self._resume(saga)
             while saga.status in ACTIVE and not self.stopping.is_set():
+                if saga.hand_over_at is not None and \
+                        time.monotonic() + saga.wait >= saga.hand_over_at:
+                    raise HandOver(saga.id)
                 if saga.wait > 0 and self.stopping.wait(saga.wait):
                     break
                 if saga.status == Status.RUNNING:
                     self._invoke_step(saga)
                 else:
                     self._compensate_step(saga)
+        except HandOver:
+            # The lease stays ours (the saga stays in _active): carry on elsewhere.
+            saga.hand_over_at = None
+            self.executor.submit(self._drive, saga, False)
+            handed_over = True
         except LostLease:
             log.info("saga %s: taken over (its fence moved on); stopping here", saga.id)
         except Exception:
             # The lease lapses without renewal and recovery resumes from the saved state.
             log.exception("saga %s: unexpected error, leaving it to recovery", saga.id)
         finally:
-            with self._active_lock:
-                self._active[saga.id] -= 1
-                if self._active[saga.id] <= 0:
-                    del self._active[saga.id]
+            if not handed_over:
+                with self._active_lock:
+                    self._active[saga.id] -= 1
+                    if self._active[saga.id] <= 0:
+                        del self._active[saga.id]
         return saga
 
     # -- one step forward or back ------------------------------------------------------
@@ -204,13 +225,18 @@ class Engine:
         failures = 0
         while True:
             try:
-                return self.store.save(saga, entries, delay, new_compensation)
+                self.store.save(saga, entries, delay, new_compensation)
+                saga.unsaved = None
+                return
             except (mysql.connector.Error, UnsupportedServer) as exc:
                 if not is_unavailable(exc):
                     raise
                 failures += 1
                 log.warning("saga %s: saving its state failed (%s); retry %d", saga.id, exc,
                             failures)
+                if saga.hand_over_at is not None and time.monotonic() >= saga.hand_over_at:
+                    saga.unsaved = (entries, delay, new_compensation)
+                    raise HandOver(saga.id) from exc
                 if self.stopping.wait(backoff_delay(0.05, 2.0, failures)):
                     raise
 

@@ -10,6 +10,11 @@ class LostLease(SagaError):
     on, so this driver must stop and write nothing more."""
 
 
+class HandOver(SagaError):
+    """The request driving a saga on its own thread is out of time: a driver thread
+    carries on from where it stopped."""
+
+
 class IllegalTransition(SagaError):
     """A status change the state machine does not allow (a bug, or a racing operator)."""
 

@@ -113,6 +113,10 @@ class Saga:
     wait: float = 0.0                           # seconds until the next call is due
     compensate_deadline: float | None = None    # time.monotonic() when compensation gives up
     saved_status: Status | None = None          # the status the database holds
+    # Driving on a request's thread: when it must hand over, and a save it could not
+    # finish for the driver thread that carries on.
+    hand_over_at: float | None = None
+    unsaved: tuple | None = None
 
     @property
     def current(self) -> Step:
