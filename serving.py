@@ -50,17 +50,24 @@ def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(mysql.connector.Error)
     @app.errorhandler(UnsupportedServer)
     def _database(exc):
-        if is_unavailable(exc):
-            log.warning("database unavailable on %s %s: %s", request.method, request.path, exc)
-            return jsonify({"error": "database unavailable, try again",
-                            "detail": str(getattr(exc, "msg", None) or exc)}), 503
-        log.exception("database error on %s %s", request.method, request.path)
-        return jsonify({"error": "internal database error"}), 500
+        body, status = database_error(exc, f"{request.method} {request.path}")
+        return jsonify(body), status
 
     @app.errorhandler(Exception)
     def _unexpected(exc):
         log.exception("unexpected error on %s %s", request.method, request.path)
         return jsonify({"error": "internal error"}), 500
+
+
+def database_error(exc: Exception, where: str) -> tuple[dict, int]:
+    """A database that cannot be reached is a 503 (the caller retries); any other
+    database error is a bug, logged, and a 500."""
+    if is_unavailable(exc):
+        log.warning("database unavailable on %s: %s", where, exc)
+        return {"error": "database unavailable, try again",
+                "detail": str(getattr(exc, "msg", None) or exc)}, 503
+    log.error("database error on %s", where, exc_info=exc)
+    return {"error": "internal database error"}, 500
 
 
 def respond(answer: dict, code: int | None = None, **extra):
@@ -89,11 +96,13 @@ class WaitingRoom:
             self._free.release()
 
 
-def token_ok(settings: Settings) -> bool:
+def token_ok(settings: Settings, authorization: str | None = None) -> bool:
     """True when no token is configured or the request carries the right one."""
     if not settings.api_token:
         return True
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if authorization is None:
+        authorization = request.headers.get("Authorization", "")
+    scheme, _, token = authorization.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(
         token.strip().encode(), settings.api_token.encode())
 
