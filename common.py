@@ -1,6 +1,21 @@
 """The foundation every process shares: its settings (all from the environment) and its
 database (a small connection pool with visible transactions, UTC sessions, retries that
-are safe, and a check that the server can do what the engine needs)."""
+are safe, and a check that the server can do what the engine needs).
+
+Each process imports this module before anything else: the database driver's C
+extension carries its own OpenSSL, newer than Debian 12's, and loads only if it comes
+before the first module that loads the system's (Python's ssl, which http.client,
+urllib3 and Flask import). Where it cannot load, the same driver runs in pure Python."""
+
+try:
+    import _mysql_connector  # noqa: F401  (see above: it must come first)
+    from _mysql_connector import MySQLInterfaceError
+    C_DRIVER = True
+except ImportError:
+    C_DRIVER = False
+
+    class MySQLInterfaceError(Exception):
+        """Stands in for the C extension's raw error when it is not loaded."""
 
 import logging
 import os
@@ -13,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 import mysql.connector
-from mysql.connector import errorcode
+from mysql.connector import errorcode, errors
 from mysql.connector.constants import ClientFlag
 
 log = logging.getLogger("saga")
@@ -209,9 +224,7 @@ class Database:
         conn = mysql.connector.connect(
             host=s.db_host, port=s.db_port, user=s.db_user, password=s.db_password,
             database=s.db_name, charset="utf8mb4", collation="utf8mb4_unicode_ci",
-            # Pure Python: the C extension raises its own unwrapped errors from commit and
-            # cannot load beside Debian 12's OpenSSL.
-            autocommit=False, connection_timeout=5, use_pure=True,
+            autocommit=False, connection_timeout=5, use_pure=not C_DRIVER,
             # Every time the engine stores or compares is UTC: a lease must not stretch
             # or vanish when the server's local clock changes for daylight saving.
             init_command="SET time_zone = '+00:00'",
@@ -294,13 +307,13 @@ class Database:
             except BaseException:
                 try:
                     conn.rollback()
-                except mysql.connector.Error:
+                except (mysql.connector.Error, MySQLInterfaceError):
                     pass
                 raise
             if not conn.in_transaction:
                 return  # the work committed in its last round trip (commit_with)
             try:
-                conn.commit()
+                commit(conn)
             except mysql.connector.Error as exc:
                 if is_unavailable(exc) and exc.errno not in LOCK_ERRNOS:
                     raise CommitUnknown(msg=f"connection lost during COMMIT: {exc}") from exc
@@ -336,6 +349,31 @@ class Database:
             return False
 
 
+def driver_error(exc: MySQLInterfaceError) -> mysql.connector.Error:
+    """The C extension raises its raw error from a few calls (COMMIT, the next result of
+    a multi-statement): the driver's own error class for it, as everywhere else."""
+    return errors.get_mysql_exception(
+        getattr(exc, "errno", None) or errorcode.CR_SERVER_LOST,
+        msg=getattr(exc, "msg", None) or str(exc), sqlstate=getattr(exc, "sqlstate", None))
+
+
+def commit(conn) -> None:
+    try:
+        conn.commit()
+    except MySQLInterfaceError as exc:
+        raise driver_error(exc) from exc
+
+
+def drain_results(cur) -> None:
+    """Read the remaining results of a multi-statement (its later statements' errors
+    arrive here)."""
+    try:
+        while cur.nextset():
+            pass
+    except MySQLInterfaceError as exc:
+        raise driver_error(exc) from exc
+
+
 def commit_with(cur, sql: str, params=()) -> tuple[int, int]:
     """Run `sql` (one statement or several, separated by ';') and COMMIT, in one round
     trip to the server; returns the first statement's row count and new row id. A
@@ -345,8 +383,7 @@ def commit_with(cur, sql: str, params=()) -> tuple[int, int]:
     try:
         cur.execute(f"{sql}; COMMIT", params)
         first = cur.rowcount, cur.lastrowid
-        while cur.nextset():
-            pass
+        drain_results(cur)
         return first
     except mysql.connector.Error as exc:
         if is_unavailable(exc) and exc.errno not in LOCK_ERRNOS:

@@ -2,6 +2,8 @@
 transfer) step by step over HTTP or Kafka, compensates in reverse on failure, and serves
 the API and ui.html."""
 
+import common  # noqa: F401  (first: it loads the database driver, see common.py)
+
 import base64
 import binascii
 import json

@@ -1,5 +1,7 @@
 """Service A (port 5001): owns TABLE_A (the users) and account A."""
 
+import common  # noqa: F401  (first: it loads the database driver, see common.py)
+
 from participant.app import create_service_app, run_service
 from participant.operations import REGISTRATION_OPERATIONS, account_operations
 

@@ -1,5 +1,7 @@
 """Service B (port 5002): owns TABLE_B (each user's address) and account B."""
 
+import common  # noqa: F401  (first: it loads the database driver, see common.py)
+
 from participant.app import create_service_app, run_service
 from participant.operations import REGISTRATION_OPERATIONS, account_operations
 

@@ -1,5 +1,7 @@
 """Service C (port 5003): owns TABLE_C (each user's payment method) and account C."""
 
+import common  # noqa: F401  (first: it loads the database driver, see common.py)
+
 from participant.app import create_service_app, run_service
 from participant.operations import REGISTRATION_OPERATIONS, account_operations
 

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import mysql.connector
 from mysql.connector import errorcode
 
-from common import Database, commit_with
+from common import Database, commit_with, drain_results
 from saga.definitions import SAGA_TYPES
 from saga.errors import IllegalTransition, KnownStart, LostLease
 from saga.model import ACTIVE, TRANSITIONS, Saga, SagaType, Status
@@ -177,8 +177,7 @@ class SagaStore:
         """The SAGA row and its STARTED row, inside the caller's transaction."""
         sql, params = self.saga_insert(saga, owner)
         cur.execute(sql, params)
-        while cur.nextset():
-            pass
+        drain_results(cur)
 
     def saga_insert(self, saga: Saga, owner: str | None) -> tuple[str, list]:
         logged, log_params = log_insert([saga_event(
