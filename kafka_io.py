@@ -12,7 +12,9 @@ from common import SERVICES, Settings
 
 log = logging.getLogger("saga")
 
-COMMAND_PARTITIONS = 2   # so two processes of one service can share its commands
+# Commands are keyed by saga, so one saga's commands stay in order in one partition;
+# four let a service's consumers (two processes, several threads each) work in parallel.
+COMMAND_PARTITIONS = 4
 REPLY_PARTITIONS = 1
 
 # Settings measured against Tansu 0.6.0, the broker of the demo and the tests (see

@@ -130,8 +130,8 @@ def start_background(app: Flask) -> None:
     if "choreography" in app.extensions:
         app.extensions["choreography"].start_threads()
     if participant.settings.transport == "kafka":
-        from participant.kafka_worker import CommandWorker
-        CommandWorker(participant.service, participant, participant.settings).start()
+        from participant.kafka_worker import start_command_workers
+        start_command_workers(participant)
     days = participant.settings.retention_days
     if days > 0:
         threading.Thread(target=purge_ledger, args=(participant, days), name="retention",

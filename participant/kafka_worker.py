@@ -22,14 +22,29 @@ from validation import ApiError
 log = logging.getLogger("saga")
 
 
+def start_command_workers(participant: Participant) -> None:
+    """SAGA_CONSUMERS members of the service's consumer group in this process (each
+    takes commands one at a time: a stalled call holds up only its partitions), and
+    what /health says of them."""
+    workers = [CommandWorker(participant.service, participant, participant.settings)
+               for _ in range(participant.settings.consumers)]
+
+    def status() -> dict:
+        return {"topic": command_topic(participant.settings, participant.service),
+                "partitions": sorted(set().union(*(w.partitions for w in workers)))}
+
+    participant.status["kafka"] = status
+    for worker in workers:
+        worker.start()
+
+
 class CommandWorker(threading.Thread):
     def __init__(self, service: str, participant: Participant, settings: Settings):
         super().__init__(name=f"kafka-{service}", daemon=True)
         self.service, self.participant, self.settings = service, participant, settings
         self.me = f"{service} pid {os.getpid()}"
         self.stopping = threading.Event()
-        self.partitions: set[int] = set()   # of the command topic, assigned to this process
-        participant.status["kafka"] = self.status
+        self.partitions: set[int] = set()   # of the command topic, assigned to this thread
 
     def run(self) -> None:
         self.me = f"{self.service} pid {os.getpid()}"   # after the fork
@@ -58,11 +73,6 @@ class CommandWorker(threading.Thread):
 
     def revoked(self, consumer, partitions) -> None:
         self.partitions -= {p.partition for p in partitions}
-
-    def status(self) -> dict:
-        """For /health: which command partitions this process consumes right now."""
-        return {"topic": command_topic(self.settings, self.service),
-                "partitions": sorted(self.partitions)}
 
     def serve(self, consumer, producer) -> None:
         checked = time.monotonic()

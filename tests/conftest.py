@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from common import SERVICES, Settings  # noqa: E402
+from kafka_io import COMMAND_PARTITIONS  # noqa: E402
 from participant.events import retry_delays, retry_queue, service_queue  # noqa: E402
 from brokers import PrivateKafka, PrivateRabbitMQ  # noqa: E402
 from launcher import PrivateMariaDB, System, wait_for  # noqa: E402
@@ -229,7 +230,7 @@ class LiveSystem:
                     if not mine:
                         return False
                     covered[health["service"]] |= mine
-            return all(parts == {0, 1} for parts in covered.values())
+            return all(parts == set(range(COMMAND_PARTITIONS)) for parts in covered.values())
         wait_for(ready, timeout, "every Kafka command partition to have a consumer", 0.2)
 
     def wait_all_idle(self):

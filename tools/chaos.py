@@ -165,6 +165,9 @@ sys.path.append(ROOT)   # the project's own modules: the names of its queues and
 
 from brokers import PrivateKafka, PrivateRabbitMQ, list_descendants  # noqa: E402
 from launcher import PrivateMariaDB, System, free_port, wait_for  # noqa: E402
+import common  # noqa: E402
+import faults  # noqa: E402
+from saga.model import ACTIVE as ACTIVE_STATES, MODES, TRANSPORTS as ALL_TRANSPORTS  # noqa: E402
 
 # Short timeouts and leases so failures and takeovers happen fast; a long compensation
 # budget so a compensation survives a process being down for a while without going FAILED.
@@ -190,17 +193,17 @@ CHAOS_ENV = {
 KAFKA_ENV = {"SAGA_TRANSPORT": "kafka", "SAGA_READ_TIMEOUT": "2", "SAGA_COMPENSATE_FOR": "120"}
 # How the sagas run: orchestrated (over HTTP or Kafka), or choreographed by the services
 # over RabbitMQ (registrations only, started at A's POST /register).
-MODES = ("orchestration", "choreography")
-TRANSPORTS = ("http", "kafka")
+TRANSPORTS = tuple(t for t in ALL_TRANSPORTS if t != "rabbitmq")   # the orchestrator's
 # The share of chaos actions aimed at the broker: Kafka (Tansu) is back in a fraction of a
 # second, RabbitMQ takes 5-8 s to boot, during which no event moves.
 BROKER_SHARE = {False: 0.06, True: 0.03}     # by "is it RabbitMQ"
-SERVICES = {"A": "service_a", "B": "service_b", "C": "service_c"}
-ACTIVE = ("RUNNING", "COMPENSATING")
+SERVICES = {letter: f"service_{letter.lower()}" for letter in common.SERVICES}
+ACTIVE = tuple(str(s) for s in ACTIVE_STATES)
 TABLES = ("TABLE_A", "TABLE_B", "TABLE_C")
 ROW_IDS = {"A": ("TABLE_A", "user_id"), "B": ("TABLE_B", "address_id"),
            "C": ("TABLE_C", "payment_id")}   # what /start's results name each row
-FAULT_MODES = ("fail", "reject", "drop", "crash", "hang")
+# Every fault that changes an outcome (slow only delays one).
+FAULT_MODES = tuple(m for m in faults.FAULT_MODES if m not in ("off", "slow"))
 PAYMENTS = ("Visa", "Mastercard", "Amex", "IBAN DE89 3704", "💳 card")
 # What the clients run: one saga type, or both at once.
 SAGA_CHOICES = ("registration", "transfer", "mixed")

@@ -19,9 +19,11 @@ NAIVE_DIR = os.path.join(HERE, "naive")
 for path in (TOOLS,):
     if path not in sys.path:
         sys.path.insert(0, path)
+sys.path.append(ROOT)   # the project's own constants, not restated here
 
-SEED_FAULTS = {"A": {"mode": "fail", "every": 2}, "B": {"mode": "crash", "every": 2}}
-SERVICES = ("A", "B", "C")
+from common import SERVICES  # noqa: E402
+from faults import SEED_FAULTS  # noqa: E402
+from kafka_io import COMMAND_PARTITIONS  # noqa: E402
 DB_COUNTERS = ("Questions", "Com_admin_commands", "Com_commit", "Com_insert", "Com_update",
                "Com_select", "Connections", "Innodb_data_fsyncs")
 OPENING_TOTAL = "1750.00"   # A 1000 + B 500 + C 250, as schema.sql opens them
@@ -191,7 +193,8 @@ class Ours(Running):
             def covered():
                 for name in ("service_a", "service_b", "service_c"):
                     _, health = http_json("GET", self.system.url(name) + "/health", timeout=5)
-                    if set(health.get("kafka", {}).get("partitions", [])) != {0, 1}:
+                    partitions = set(health.get("kafka", {}).get("partitions", []))
+                    if partitions != set(range(COMMAND_PARTITIONS)):
                         return False
                 return True
             wait_until(covered, timeout, "every Kafka command partition to have a consumer")
