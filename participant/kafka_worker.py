@@ -51,7 +51,7 @@ class CommandWorker(threading.Thread):
         while not self.stopping.is_set():
             consumer = None
             try:
-                ensure_topics(self.settings)
+                admin = ensure_topics(self.settings)
                 producer = Producer(client_config(self.settings, **PRODUCER))
                 consumer = Consumer(client_config(
                     self.settings, **CONSUMER, **{"group.id": f"saga.{self.settings.db_name}."
@@ -59,7 +59,7 @@ class CommandWorker(threading.Thread):
                 consumer.subscribe([command_topic(self.settings, self.service)],
                                    on_assign=self.assigned, on_revoke=self.revoked,
                                    on_lost=self.revoked)
-                self.serve(consumer, producer)
+                self.serve(consumer, producer, admin)
             except KafkaException as exc:
                 log.warning("kafka commands %s: %s; retrying", self.service, exc)
                 self.stopping.wait(1.0)
@@ -74,12 +74,13 @@ class CommandWorker(threading.Thread):
     def revoked(self, consumer, partitions) -> None:
         self.partitions -= {p.partition for p in partitions}
 
-    def serve(self, consumer, producer) -> None:
+    def serve(self, consumer, producer, admin) -> None:
         checked = time.monotonic()
         while not self.stopping.is_set():
             message = consumer.poll(0.2)
+            producer.poll(0)   # delivery reports
             if time.monotonic() - checked > 2.0:
-                ensure_topics(self.settings)   # a restarted memory broker lost them
+                ensure_topics(self.settings, admin)   # a restarted memory broker lost them
                 checked = time.monotonic()
             if message is None:
                 continue
@@ -93,10 +94,11 @@ class CommandWorker(threading.Thread):
             if answer.after != "drop" and command is not None:
                 reply = {"id": command["id"], "status": answer.status, "body": answer.body,
                          "by": self.me}
+                # Not waited for: a reply that is lost costs the orchestrator a timeout
+                # and a resend, which the ledger answers. The same goes for the offset.
                 producer.produce(reply_topic(self.settings), json.dumps(reply).encode(),
                                  key=message.key())
-                producer.flush(5)
-            consumer.commit(message=message, asynchronous=False)
+            consumer.commit(message=message, asynchronous=True)
 
     def run_command(self, raw: bytes):
         """(the Answer, the command); a database failure is a 503, which the

@@ -89,11 +89,11 @@ class KafkaTransport:
     def reply_loop(self) -> None:
         """Read every partition of the reply topic from its end (no consumer group: each
         orchestrator reads all replies and keeps those it waits for)."""
-        consumer = None
+        consumer, admin = None, None
         while not self.stopping.is_set():
             try:
                 if consumer is None:
-                    ensure_topics(self.settings)
+                    admin = ensure_topics(self.settings, admin)
                     consumer = Consumer(client_config(
                         self.settings, **{**CONSUMER, "auto.offset.reset": "latest",
                                           "group.id": f"orchestrator-{uuid.uuid4().hex}"}))
@@ -107,7 +107,7 @@ class KafkaTransport:
                     self.take_reply(message.value())
                 if time.monotonic() - checked > 2.0:
                     # A restarted memory-only broker comes back without topics.
-                    ensure_topics(self.settings)
+                    ensure_topics(self.settings, admin)
                     if self.reply_partitions(consumer) != partitions:
                         consumer.close()
                         consumer = None
