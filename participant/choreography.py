@@ -27,10 +27,10 @@ from mysql.connector import errorcode
 from common import Settings, backoff_delay
 from participant.core import Participant
 from participant.events import Consumer, Outbox, Relay
-from saga.answers import answer_from_store, poll_outcome
+from saga.answers import answer_from_store
 from saga.definitions import REGISTRATION
 from saga.errors import KnownStart
-from saga.model import SagaType, Status
+from saga.model import ACTIVE, SagaType, Status
 from saga.store import LogEntry, SagaStore, insert_log, saga_event
 from validation import ApiError
 
@@ -93,6 +93,7 @@ class Choreography:
         self.store = SagaStore(self.db, f"service-{service}", settings.lease_seconds,
                                settings.compensate_for)
         self.reactions = reactions(saga_type, service)
+        self.settled: dict[str, threading.Event] = {}   # sagas a request here waits for
         self.stopping = threading.Event()
         self.relay = Relay(service, self.db, settings, bindings(saga_type), self.stopping)
 
@@ -164,7 +165,27 @@ class Choreography:
         return saga, answer
 
     def wait(self, saga, seconds: float) -> dict:
-        return poll_outcome(self.store, saga, time.monotonic() + seconds)
+        """The saga's outcome, once it is known or `seconds` have passed. The service
+        that starts a saga also hears its end (it completes or undoes the first step), so
+        the waiting request is woken by this process's consumer; it reads the database
+        every half second too, for the end heard by another process of the service."""
+        deadline = time.monotonic() + seconds
+        settled = self.settled.setdefault(saga.id, threading.Event())
+        try:
+            while True:
+                answer = self.answer_now(saga)
+                left = deadline - time.monotonic()
+                if answer["status"] not in ACTIVE or left <= 0:
+                    return answer
+                settled.wait(min(left, 0.5))
+        finally:
+            self.settled.pop(saga.id, None)
+
+    def heard_end_of(self, saga_id: str) -> None:
+        """Wake a request of this process waiting for the saga (once its end is saved)."""
+        waiting = self.settled.get(saga_id)
+        if waiting is not None:
+            waiting.set()
 
     def answer_now(self, saga) -> dict:
         return answer_from_store(self.store, saga)
@@ -242,6 +263,8 @@ class Choreography:
         answer = self.participant.compensate({"saga_id": saga_id, "op": step.op}, on_commit)
         if answer.status == 200:
             self.published()
+            if k == 0:
+                self.heard_end_of(saga_id)
             return answer.after if answer.after != "off" else "done"
         # An undo must eventually succeed: it is retried, with backoff, for as long as
         # it takes (an operator sees it in SAGA_LOG).
@@ -260,6 +283,7 @@ class Choreography:
                                             f"all steps committed (heard {event})")])
 
         self.db.run(complete)
+        self.heard_end_of(saga_id)
         return "done"
 
     # -- what each reaction writes -----------------------------------------------------
