@@ -15,6 +15,10 @@ def ref(name):
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def query(name, schema):
+    return {"name": name, "in": "query", "schema": schema}
+
+
 def json_body(schema, description=""):
     return {"description": description or "JSON",
             "content": {"application/json": {"schema": schema}}}
@@ -39,7 +43,9 @@ OUTCOME = dict(
     _409=("SagaAnswer", "COMPENSATED because a service refused a step"),
     _502=("SagaAnswer", "COMPENSATED or FAILED because a service kept failing"),
     _400=("error", ""), _413=("error", ""), _415=("error", ""),
-    _422=("error", "the Idempotency-Key was used for another request"), _503=("error", "the database is unreachable, or too many requests are waiting for their saga (Retry-After); nothing written"),
+    _422=("error", "the Idempotency-Key was used for another request"),
+    _503=("error", "the database is unreachable, or too many requests are waiting for their "
+                   "saga (Retry-After); nothing written"),
 )
 
 
@@ -80,13 +86,13 @@ SPEC = {
         "/sagas": {"get": {
             "summary": "List sagas, newest first",
             "parameters": [
-                {"name": "status", "in": "query", "schema": {"type": "string", "enum": list(STATES)}},
-                {"name": "type", "in": "query", "schema": {"type": "string", "enum": SAGA_TYPE_NAMES}},
-                {"name": "mode", "in": "query", "schema": {"type": "string", "enum": list(MODES)}},
-                {"name": "label", "in": "query", "schema": {"type": "string"}},
-                {"name": "username", "in": "query", "schema": {"type": "string"}},
-                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
-                {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 10000000}},
+                query("status", {"type": "string", "enum": list(STATES)}),
+                query("type", {"type": "string", "enum": SAGA_TYPE_NAMES}),
+                query("mode", {"type": "string", "enum": list(MODES)}),
+                query("label", {"type": "string"}),
+                query("username", {"type": "string"}),
+                query("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
+                query("offset", {"type": "integer", "minimum": 0, "maximum": 10000000}),
             ],
             "responses": answers(_200=("SagaList", "a page of sagas"), _400=("error", ""),
                                  _503=("error", "")),
@@ -124,11 +130,9 @@ SPEC = {
             "summary": "Tail SAGA_LOG: the newest rows, then pass back `cursor` for the "
                        "rows after them (rows that commit late are included)",
             "parameters": [
-                {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0,
-                                                              "maximum": 2 ** 62}},
-                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
-                                                              "maximum": 1000}},
+                query("cursor", {"type": "string"}),
+                query("after", {"type": "integer", "minimum": 0, "maximum": 2 ** 62}),
+                query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
             ],
             "responses": answers(_200=("LogList", "log rows, oldest first"),
                                  _400=("error", ""), _503=("error", "")),

@@ -461,7 +461,8 @@ def create_app(settings=None, start_background: bool = True):
         # The UI may be opened from disk (Origin: null): allow any origin, but never
         # with credentials, so no browser ever sends cookies along.
         resp.headers["Access-Control-Allow-Origin"] = "*"
-        resp.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization, Idempotency-Key"
+        resp.headers["Access-Control-Allow-Headers"] = \
+            "Content-Type, Authorization, Idempotency-Key"
         resp.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, OPTIONS"
         return resp
 

@@ -84,7 +84,8 @@ class PrivateMariaDB:
         if self.proc.poll() is not None:
             raise RuntimeError(f"mariadbd exited; see {self.log_path}")
         try:
-            mysql.connector.connect(unix_socket=self.socket, user="root", collation=COLLATION).close()
+            mysql.connector.connect(unix_socket=self.socket, user="root",
+                                    collation=COLLATION).close()
             return True
         except mysql.connector.Error:
             return False
