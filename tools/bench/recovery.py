@@ -20,7 +20,7 @@ import time
 import mysql.connector
 import requests
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/
 from launcher import PrivateMariaDB, System, wait_for  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def main():
     try:
         name = server.create_database("saga_recovery")
         env = {"SAGA_FAULTS": "off", "SAGA_DB_PORT": str(server.port), "SAGA_DB_NAME": name,
-               "SAGA_READ_TIMEOUT": "30"}
+               "SAGA_READ_TIMEOUT": "30", "RABBITMQ_URL": "off"}
         system = System(workdir, env)
         system.start()
         settings = {k: os.environ.get(k, d) for k, d in (("SAGA_LEASE_SECONDS", "2"),
