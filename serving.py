@@ -11,7 +11,8 @@ import mysql.connector
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from common import ConfigError, Database, Settings, UnsupportedServer, is_unavailable
+from common import (C_DRIVER, ConfigError, Database, Settings, UnsupportedServer,
+                    is_unavailable)
 from saga.answers import answer_code, public
 from validation import MAX_BODY_BYTES, ApiError
 
@@ -147,6 +148,8 @@ def serve(app_factory, port: int, settings: Settings, name: str, preload: bool =
         def load(self):
             return app_factory()
 
+    log.info("%s: database driver %s", name,
+             "mysql-connector's C extension" if C_DRIVER else "mysql-connector, pure Python")
     try:
         Database(settings, 1).check_server()
         Server().run()

@@ -39,8 +39,10 @@ def create_service_app(service: str, operations, settings: Settings | None = Non
                        faults: FaultStore | None = None) -> Flask:
     settings = settings or load_settings()
     app = new_app(f"service_{service.lower()}")
-    # Calls hold a connection for one transaction; those beyond 24 at once wait briefly.
-    db = Database(settings, pool_size=24 + settings.consumers + 4)
+    # Calls hold a connection for one transaction; those beyond 16 at once wait briefly.
+    # (With the orchestrator's 68, one of each process stays under MariaDB's default of
+    # 151 connections.)
+    db = Database(settings, pool_size=16 + settings.consumers + 4)
     faults = faults or FaultStore(initial_fault(settings.faults, service))
     participant = Participant(service, operations, db, faults, settings)
     app.extensions["participant"] = participant
