@@ -78,8 +78,8 @@ def one_round(system, server, name, n):
     wait_for(lambda: query(server, name, "SELECT COUNT(*) FROM SAGA WHERE step = 1 "
                                          "AND status = 'RUNNING'")[0][0] == n, 60, "sagas parked at B")
     fences = dict(query(server, name, "SELECT id, fence FROM SAGA"))
+    killed = time.monotonic()   # before: kill() returns once every process is gone
     system.kill("orchestrator")
-    killed = time.monotonic()
     system.start("orchestrator")
     healthy = time.monotonic()
 
