@@ -5,7 +5,7 @@ replies, and losing them all costs a retry, never a saga."""
 
 import logging
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from common import SERVICES, Settings
@@ -77,6 +77,18 @@ def ensure_topics(settings: Settings, admin: AdminClient | None = None) -> Admin
                     raise
         log.info("kafka: created %s", ", ".join(t.topic for t in missing))
     return admin
+
+
+def topic_id(admin: AdminClient, name: str) -> str | None:
+    """The topic's id, None while it does not exist. A topic deleted and created again
+    (a memory-only broker restarted) has a new id."""
+    try:
+        return str(admin.describe_topics(TopicCollection([name]), request_timeout=5)[name]
+                   .result().topic_id)
+    except KafkaException as exc:
+        if exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            return None
+        raise
 
 
 def client_config(settings: Settings, **extra) -> dict:

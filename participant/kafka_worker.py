@@ -15,7 +15,8 @@ import mysql.connector
 from confluent_kafka import Consumer, KafkaException, Producer
 
 from common import Settings, UnsupportedServer
-from kafka_io import CONSUMER, PRODUCER, client_config, command_topic, ensure_topics, reply_topic
+from kafka_io import (CONSUMER, PRODUCER, client_config, command_topic, ensure_topics,
+                      reply_topic, topic_id)
 from participant.core import Answer, Participant
 from validation import ApiError
 
@@ -52,14 +53,21 @@ class CommandWorker(threading.Thread):
             consumer = None
             try:
                 admin = ensure_topics(self.settings)
+                subscribed = topic_id(admin, command_topic(self.settings, self.service))
+                if subscribed is None:   # deleted since; ensure_topics makes it again
+                    continue
                 producer = Producer(client_config(self.settings, **PRODUCER))
+                # The group is named for the topic's incarnation: after a memory-only
+                # broker restarts, the old group is never assigned the topic again
+                # (Tansu 0.6), and its offsets are gone anyway. On a cluster the id
+                # stays, and so do the group and its offsets.
                 consumer = Consumer(client_config(
                     self.settings, **CONSUMER, **{"group.id": f"saga.{self.settings.db_name}."
-                                                              f"{self.service}"}))
+                                                              f"{self.service}.{subscribed}"}))
                 consumer.subscribe([command_topic(self.settings, self.service)],
                                    on_assign=self.assigned, on_revoke=self.revoked,
                                    on_lost=self.revoked)
-                self.serve(consumer, producer, admin)
+                self.serve(consumer, producer, admin, subscribed)
             except KafkaException as exc:
                 log.warning("kafka commands %s: %s; retrying", self.service, exc)
                 self.stopping.wait(1.0)
@@ -74,14 +82,22 @@ class CommandWorker(threading.Thread):
     def revoked(self, consumer, partitions) -> None:
         self.partitions -= {p.partition for p in partitions}
 
-    def serve(self, consumer, producer, admin) -> None:
+    def serve(self, consumer, producer, admin, subscribed: str | None) -> None:
+        """Until the command topic is a new one (a memory-only broker restarted): then
+        this member leaves, to join the new topic's group."""
+        topic = command_topic(self.settings, self.service)
         checked = time.monotonic()
         while not self.stopping.is_set():
-            message = consumer.poll(0.2)
-            producer.poll(0)   # delivery reports
             if time.monotonic() - checked > 2.0:
                 ensure_topics(self.settings, admin)   # a restarted memory broker lost them
+                if topic_id(admin, topic) != subscribed:
+                    log.info("kafka commands %s: %s was created again; joining anew",
+                             self.service, topic)
+                    producer.flush(1)
+                    return
                 checked = time.monotonic()
+            message = consumer.poll(0.2)
+            producer.poll(0)   # delivery reports
             if message is None:
                 continue
             if message.error() is not None:
