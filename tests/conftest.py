@@ -163,10 +163,14 @@ class LiveSystem:
         return resp.json()
 
     # -- database
+    def connect(self, **options):
+        """A session of our own on the system's database, in UTC like the processes'."""
+        return mysql.connector.connect(host="127.0.0.1", port=self.server.port, user="saga",
+                                       password="saga", database=self.dbname,
+                                       time_zone="+00:00", **options)
+
     def query(self, sql, params=()):
-        conn = mysql.connector.connect(host="127.0.0.1", port=self.server.port, user="saga",
-                                       password="saga", database=self.dbname, autocommit=True,
-                                       time_zone="+00:00")
+        conn = self.connect(autocommit=True)
         try:
             cur = conn.cursor()
             cur.execute(sql, params)
@@ -305,8 +309,7 @@ class LiveSystem:
         self.wait_quiet()
         self.wait_all_idle()
         self.purge_queues()
-        conn = mysql.connector.connect(host="127.0.0.1", port=self.server.port, user="saga",
-                                       password="saga", database=self.dbname, autocommit=True)
+        conn = self.connect(autocommit=True)
         try:
             cur = conn.cursor()
             cur.execute("SET FOREIGN_KEY_CHECKS = 0")

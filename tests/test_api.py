@@ -2,7 +2,6 @@
 
 import threading
 
-import mysql.connector
 import pytest
 import requests
 
@@ -232,8 +231,7 @@ def test_log_tail_delivers_a_row_that_commits_after_a_higher_id(live_system):
     first = live_system.get("/log").json()
     # Another session inserts a log row and holds its transaction open: its id is taken
     # now, but the row is invisible until it commits, after the saga's rows below.
-    conn = mysql.connector.connect(host="127.0.0.1", port=live_system.server.port,
-                                   user="saga", password="saga", database=live_system.dbname)
+    conn = live_system.connect()
     try:
         cur = conn.cursor()
         cur.execute("INSERT INTO SAGA_LOG (saga_id, service, status, message) "

@@ -6,7 +6,6 @@ import random
 import re
 import threading
 
-import mysql.connector
 
 from conftest import in_background, join
 from launcher import wait_for
@@ -110,8 +109,7 @@ def test_a_committed_step_is_not_undone_when_saving_its_outcome_fails(make_syste
     thread, answer = in_background(system.start)
     system.wait_serving("B")
     sid = system.query("SELECT id FROM SAGA")[0][0]
-    locker = mysql.connector.connect(host="127.0.0.1", port=system.server.port, user="saga",
-                                     password="saga", database=system.dbname)
+    locker = system.connect()
     try:
         cur = locker.cursor()
         cur.execute("SELECT id FROM SAGA WHERE id = %s FOR UPDATE", (sid,))
@@ -135,8 +133,7 @@ def test_database_run_retries_a_lock_wait_timeout_in_place(live_system):
     # deadlock) is tried again on the spot instead of failing the call with a 503.
     from common import Database, Settings
     db = Database(Settings(db_port=live_system.server.port, db_name=live_system.dbname), 2)
-    holder = mysql.connector.connect(host="127.0.0.1", port=live_system.server.port,
-                                     user="saga", password="saga", database=live_system.dbname)
+    holder = live_system.connect()
     attempts = []
 
     def debit(cur):

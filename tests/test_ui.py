@@ -15,7 +15,6 @@ import re
 import shutil
 import sys
 
-import mysql.connector
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
@@ -692,9 +691,7 @@ def test_choreographed_saga_is_shown_as_an_event_flow(live_system, ui):
 def test_log_tail_shows_a_row_that_committed_late_in_id_order(live_system, ui):
     page = ui.open(live_system.url + "/")
     # A transaction that took its SAGA_LOG id before the saga's rows and commits after them.
-    held = mysql.connector.connect(host="127.0.0.1", port=live_system.server.port, user="saga",
-                                   password="saga", database=live_system.dbname,
-                                   time_zone="+00:00")
+    held = live_system.connect()
     try:
         cur = held.cursor()
         cur.execute("INSERT INTO SAGA_LOG (saga_id, service, status, message) "

@@ -17,11 +17,11 @@ import tempfile
 import threading
 import time
 
-import mysql.connector
 import requests
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/
 from launcher import PrivateMariaDB, System, wait_for  # noqa: E402
+from systems import root_query as query  # noqa: E402  (tools/bench, this script's folder)
 
 
 def main():
@@ -53,17 +53,6 @@ def main():
         if system:
             system.stop()
         server.stop()
-
-
-def query(server, name, sql):
-    conn = mysql.connector.connect(host="127.0.0.1", port=server.port, user="saga",
-                                   password="saga", database=name, autocommit=True)
-    try:
-        cur = conn.cursor()
-        cur.execute(sql)
-        return cur.fetchall()
-    finally:
-        conn.close()
 
 
 def one_round(system, server, name, n):

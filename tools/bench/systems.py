@@ -73,11 +73,12 @@ def wait_port(port, proc, timeout=30, what="process"):
 
 def root_query(server, dbname, sql):
     import mysql.connector
-    conn = mysql.connector.connect(unix_socket=server.socket, user="root", database=dbname)
+    conn = mysql.connector.connect(unix_socket=server.socket, user="root", database=dbname,
+                                   autocommit=True)
     try:
         cur = conn.cursor()
         cur.execute(sql)
-        return cur.fetchall()
+        return cur.fetchall() if cur.with_rows else cur.rowcount
     finally:
         conn.close()
 
