@@ -40,10 +40,12 @@ def answers(**codes):
 OUTCOME = dict(
     _200=("SagaAnswer", "COMPLETED: every step committed"),
     _202=("SagaAnswer", "still running after SAGA_START_WAIT; it finishes in the background"),
-    _409=("SagaAnswer", "COMPENSATED because a service refused a step"),
+    _409=("SagaAnswer", "COMPENSATED because a service refused a step (a refusal its "
+                        "ledger recorded) or an operator compensated it"),
     _502=("SagaAnswer", "COMPENSATED or FAILED because a service kept failing"),
     _400=("error", ""), _413=("error", ""), _415=("error", ""),
-    _422=("error", "the Idempotency-Key was used for another request"),
+    _422=("error", "the Idempotency-Key was used for another request, or its saga was "
+                   "purged"),
     _503=("error", "the database is unreachable, or too many requests are waiting for their "
                    "saga (Retry-After); nothing written"),
 )

@@ -18,7 +18,8 @@ from werkzeug.routing import BaseConverter
 from common import SERVICES, Database, load_settings
 from faults import parse_fault
 from openapi import SPEC
-from saga.answers import answer_from_store, answer_of, poll_outcome, request_hash
+from saga.answers import (answer_from_store, answer_of, first_saga_of, poll_outcome,
+                          request_hash)
 from saga.definitions import REGISTRATION, SAGA_TYPES, TRANSFER
 from saga.engine import Engine
 from saga.errors import IllegalTransition, KnownStart
@@ -109,14 +110,7 @@ def start_saga(saga_type, body: dict):
         try:
             saga = o.engine.create(saga_type, data, key, request_hash(saga_type.name, data))
         except KnownStart as known:
-            if not known.same_request:
-                raise ApiError("this Idempotency-Key was already used for a different "
-                               f"request (saga {known.saga_id})", "Idempotency-Key",
-                               status=422) from None
-            first = o.engine.store.load(known.saga_id)
-            if first is None:
-                raise ApiError(f"the saga of this Idempotency-Key ({known.saga_id}) was "
-                               "purged", "Idempotency-Key", status=422) from None
+            first = first_saga_of(known, o.engine.store)
             answer = o.poll_outcome(first, time.monotonic() + o.settings.start_wait)
             return respond(answer, repeated=True)
         return respond(o.drive_and_answer(saga))
@@ -335,23 +329,32 @@ def retry(saga_id):
 
 
 def operator_action(saga_id: str, decide):
+    """Take the saga for the operator when `decide` changes it, drive it, and wait for
+    its outcome if a seat in the waiting room is free; if none is, answer 202 at once
+    (an action on an existing saga piles nothing up, so it is never refused for want of
+    a seat). A choreographed saga is refused before anything is written."""
     check_saga_id(saga_id)
     o = orchestrator()
-    try:
-        saga, taken = o.engine.store.take_for_operator(saga_id, decide)
-    except IllegalTransition as exc:
-        raise ApiError(str(exc), status=409) from None
-    if saga is None:
-        raise no_such_saga(saga_id)
-    if saga.mode != "orchestration":
-        raise ApiError(f"saga {saga_id} is choreographed by the services; the "
-                       "orchestrator only reads it", status=409)
-    if not taken:
-        answer = answer_of(saga)
-    else:
-        future = o.engine.run(saga)
-        with o.waiting.seat():
-            answer = o.await_outcome(saga, future)
+
+    def decide_orchestrated(saga, lease_live):
+        if saga.mode != "orchestration":
+            raise ApiError(f"saga {saga_id} is choreographed by the services; the "
+                           "orchestrator only reads it", status=409)
+        return decide(saga, lease_live)
+
+    with o.waiting.seat_if_free() as seated:
+        try:
+            saga, taken = o.engine.store.take_for_operator(saga_id, decide_orchestrated)
+        except IllegalTransition as exc:
+            raise ApiError(str(exc), status=409) from None
+        if saga is None:
+            raise no_such_saga(saga_id)
+        if taken and seated:
+            answer = o.await_outcome(saga, o.engine.run(saga))
+        else:
+            answer = answer_of(saga)   # before a driver thread changes it
+            if taken:
+                o.engine.run(saga)
     return respond(answer, 202 if answer["status"] in ACTIVE else 200)
 
 

@@ -88,13 +88,21 @@ class WaitingRoom:
 
     @contextmanager
     def seat(self):
-        if not self._free.acquire(blocking=False):
-            raise ApiError(f"{self.seats} requests are already waiting for their saga; "
-                           "nothing was started, try again", status=503, retry_after=1)
-        try:
+        with self.seat_if_free() as seated:
+            if not seated:
+                raise ApiError(f"{self.seats} requests are already waiting for their saga; "
+                               "nothing was started, try again", status=503, retry_after=1)
             yield
+
+    @contextmanager
+    def seat_if_free(self):
+        """Yields whether a seat was free (and holds it meanwhile)."""
+        seated = self._free.acquire(blocking=False)
+        try:
+            yield seated
         finally:
-            self._free.release()
+            if seated:
+                self._free.release()
 
 
 def token_ok(settings: Settings, authorization: str | None = None) -> bool:

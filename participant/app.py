@@ -19,7 +19,7 @@ from faults import FaultStore, initial_fault, parse_fault
 from participant.choreography import Choreography
 from participant.core import Answer, Participant
 from participant.operations import read_accounts
-from saga.answers import request_hash
+from saga.answers import first_saga_of, request_hash
 from saga.definitions import REGISTRATION
 from saga.errors import KnownStart
 from serving import WaitingRoom, database_error, new_app, respond, serve, token_ok
@@ -83,11 +83,7 @@ def create_service_app(service: str, operations, settings: Settings | None = Non
                 saga, first = choreography.start(data, key,
                                                  request_hash(REGISTRATION.name, data))
             except KnownStart as known:
-                if not known.same_request:
-                    raise ApiError("this Idempotency-Key was already used for a different "
-                                   f"request (saga {known.saga_id})", "Idempotency-Key",
-                                   status=422) from None
-                saga = choreography.store.load(known.saga_id)
+                saga = first_saga_of(known, choreography.store)
                 return respond(choreography.wait(saga, settings.start_wait), repeated=True)
             if first.status >= 500:
                 return jsonify({"error": f"service {service} could not run the first step "

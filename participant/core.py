@@ -14,7 +14,7 @@ from mysql.connector import errorcode
 
 from common import Database, Settings
 from faults import AFTER_COMMIT, FaultStore, stall_seconds
-from participant.ledger import COMPENSATED, INVOKED, Ledger
+from participant.ledger import COMPENSATED, INVOKED, REFUSED, Ledger
 from participant.operations import Operation, Refusal
 from validation import ApiError, reject_unknown_fields, saga_id_field
 
@@ -117,7 +117,7 @@ class Participant:
         """Record the refusal, so that a repeat of the call is refused again and a late
         copy of it can never write."""
         body = {"status": "refused", "saga_id": saga_id, "op": op.name,
-                "error": refusal.message}
+                "error": refusal.message, "ledger": REFUSED}
         if refusal.field:
             body["field"] = refusal.field
 
@@ -145,6 +145,7 @@ class Participant:
             return None
         if entry["state"] == COMPENSATED:
             return Answer(409, {"status": "compensated", "saga_id": saga_id, "op": op.name,
+                                "ledger": COMPENSATED,
                                 "error": f"saga {saga_id} was already compensated at "
                                          f"{self.service} ({op.name}); a late invoke writes "
                                          "nothing"})
@@ -158,7 +159,9 @@ class Participant:
                                          f"{', '.join(differs)} differ from the first call"})
         if entry["answer"] is None:  # claimed by a transaction that has not finished
             return Answer(503, {"error": "the first call for this step is still running"})
-        return Answer(200 if entry["state"] == INVOKED else 422, entry["answer"])
+        if entry["state"] == INVOKED:
+            return Answer(200, entry["answer"])
+        return Answer(422, {**entry["answer"], "ledger": REFUSED})
 
     # -- compensate --------------------------------------------------------------------
 

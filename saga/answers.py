@@ -9,8 +9,10 @@ import time
 import mysql.connector
 
 from common import UnsupportedServer
+from saga.errors import KnownStart
 from saga.model import ACTIVE, Saga, Status
 from saga.store import SagaStore
+from validation import ApiError
 
 
 def answer_of(saga: Saga) -> dict:
@@ -19,19 +21,22 @@ def answer_of(saga: Saga) -> dict:
         body.update(failed_step=saga.failed_step, reason=saga.reason)
     if saga.results:
         body["results"] = saga.results
-    body["_rejected"] = saga.rejected
+    # Undone on purpose, not because something broke: a service said no, or an operator
+    # compensated it (no step failed).
+    body["_withdrawn"] = saga.rejected or saga.failed_step is None
     return body
 
 
 def answer_code(answer: dict) -> int:
     """200 only for a completed saga; 202 still running; 409 undone because a service
-    said no; 502 undone (or stuck FAILED) because a service kept failing."""
+    said no or an operator asked; 502 undone (or stuck FAILED) because a service kept
+    failing."""
     status = answer["status"]
     if status in ACTIVE:
         return 202
     if status == Status.COMPLETED:
         return 200
-    if status == Status.COMPENSATED and answer.get("_rejected"):
+    if status == Status.COMPENSATED and answer.get("_withdrawn"):
         return 409
     return 502
 
@@ -67,3 +72,16 @@ def poll_outcome(store: SagaStore, saga: Saga, deadline: float) -> dict:
             return answer
         time.sleep(pause)
         pause = min(pause * 2, 0.1)
+
+
+def first_saga_of(known: KnownStart, store: SagaStore) -> Saga:
+    """The saga an Idempotency-Key's first request made, for a repeat to answer about;
+    422 when the key was used for another request, or its saga was purged since."""
+    if not known.same_request:
+        raise ApiError("this Idempotency-Key was already used for a different request "
+                       f"(saga {known.saga_id})", "Idempotency-Key", status=422)
+    first = store.load(known.saga_id)
+    if first is None:
+        raise ApiError(f"the saga of this Idempotency-Key ({known.saga_id}) was purged",
+                       "Idempotency-Key", status=422)
+    return first

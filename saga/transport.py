@@ -117,13 +117,25 @@ def outcome(started: float, status_code, message, *, ok=False, refused=False, re
                    body=body)
 
 
+# What a service's ledger holds for a step it answers with a 4xx that proves nothing
+# was written: a refusal it recorded, or a compensation (a tombstone) that came first.
+LEDGER_NO_WRITE = ("refused", "compensated")
+
+
 def outcome_of_answer(started: float, status: int, payload, action: str) -> Outcome:
-    """5xx, 408 and 429 may succeed on a retry; any other 4xx is the service's final no."""
+    """Only a refusal the service says it recorded in its ledger is its final no. Any
+    other 4xx (a wrong token after a restart, a proxy's, a path that moved) comes from
+    something that may stand in front of a step that already committed: like a 5xx, a
+    failure whose outcome is unknown."""
     detail = payload.get("error") if isinstance(payload, dict) else None
-    if status >= 500 or status in (408, 429):
+    if 400 <= status < 500 and action == "invoke" and isinstance(payload, dict) \
+            and payload.get("ledger") in LEDGER_NO_WRITE:
+        return outcome(started, status, f"HTTP {status}: {detail or 'refused'}", refused=True)
+    if status >= 500:
         return outcome(started, status, f"HTTP {status}: {detail or 'server error'}")
     if status >= 400:
-        return outcome(started, status, f"HTTP {status}: {detail or 'refused'}", refused=True)
+        return outcome(started, status, f"HTTP {status}: {detail or 'client error'} "
+                                        "(no refusal in the service's ledger)")
     if not isinstance(payload, dict):
         return outcome(started, status, "answer was not a JSON object")
     return outcome(started, status, describe_success(action, payload), ok=True, body=payload)

@@ -70,6 +70,18 @@ def test_retrying_a_saga_that_is_not_failed_is_a_conflict(live_system):
     assert "COMPLETED" in resp.json()["error"]
 
 
+@pytest.mark.parametrize("action", ["compensate", "retry"])
+def test_operator_actions_on_a_choreographed_saga_are_409_and_write_nothing(live_system,
+                                                                            action):
+    sid = live_system.register().json()["saga"]
+    row_before, log_before = live_system.saga_row(sid), live_system.log(sid)
+    revision = live_system.query("SELECT revision FROM SAGA WHERE id = %s", (sid,))
+    resp = live_system.post(f"/sagas/{sid}/{action}")
+    assert resp.status_code == 409 and "choreographed" in resp.json()["error"]
+    assert live_system.saga_row(sid) == row_before and live_system.log(sid) == log_before
+    assert live_system.query("SELECT revision FROM SAGA WHERE id = %s", (sid,)) == revision
+
+
 @pytest.mark.parametrize("method, path", [
     ("get", "/sagas/00000000-0000-0000-0000-000000000000"),
     ("get", "/sagas/nope/status"),
@@ -267,11 +279,18 @@ def test_health_reads_and_operator_actions_answer_while_every_web_thread_would_w
     assert system.get("/health").status_code == 200
     assert system.get("/sagas").status_code == 200
     assert requests.put(system.url + "/faults/C", json={"mode": "off"}, timeout=5).status_code == 200
+    # An operator action finds no seat to wait in: it is taken all the same, and
+    # answered at once.
+    running = system.query("SELECT id FROM SAGA WHERE status = 'RUNNING' LIMIT 1")[0][0]
+    resp = system.post(f"/sagas/{running}/compensate")
+    assert resp.status_code == 202 and resp.json()["status"] == "COMPENSATING", resp.text
     for thread, _ in clients:
         join(thread)
     answers = [answer["resp"] for _, answer in clients]
-    assert sorted(a.status_code for a in answers) == [200] * 4 + [503] * 8
+    assert sorted(a.status_code for a in answers) == [200] * 3 + [409] + [503] * 8
     busy = [a for a in answers if a.status_code == 503]
     assert all(a.headers["Retry-After"] == "1" and "try again" in a.json()["error"] for a in busy)
     system.wait_quiet()
     assert system.query("SELECT COUNT(*) FROM SAGA")[0][0] == 4
+    assert system.status(running) == "COMPENSATED"
+    system.assert_all_or_nothing()

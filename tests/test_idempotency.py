@@ -110,6 +110,16 @@ def test_repeat_with_the_same_key_answers_about_the_first_saga_and_creates_nothi
     assert live_system.row_counts() == {"TABLE_A": 1, "TABLE_B": 1, "TABLE_C": 1}
 
 
+def test_repeat_of_a_start_an_operator_compensated_answers_409(live_system):
+    headers = key_header()
+    first = live_system.post("/start", json=SEED_INPUT, headers=headers)
+    undone = live_system.post(f"/sagas/{first.json()['saga']}/compensate")
+    assert undone.status_code == 200 and undone.json()["status"] == "COMPENSATED"
+    again = live_system.post("/start", json=SEED_INPUT, headers=headers)
+    assert again.status_code == 409, again.text
+    assert again.json()["status"] == "COMPENSATED" and again.json()["repeated"] is True
+
+
 def test_same_key_with_another_body_is_422_and_creates_nothing(live_system):
     headers = key_header()
     first = live_system.start(headers=headers)
