@@ -250,7 +250,10 @@ SPEC = {
             "Health": {"type": "object", "required": ["status", "database"], "properties": {
                 "service": {"type": "string"}, "status": {"enum": ["ok", "degraded"]},
                 "database": {"enum": ["up", "down"]}, "owner": {"type": "string"},
-                "active_sagas": {"type": "integer"}, "transport": {"type": "string"},
+                "active_sagas": {"type": "integer", "description": "being driven here now"},
+                "waiting_sagas": {"type": "integer",
+                                  "description": "owned here, waiting for a retry that is due later"},
+                "transport": {"type": "string"},
                 "services": {"type": "object"}}},
         },
     },

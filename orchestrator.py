@@ -55,7 +55,7 @@ class Orchestrator:
         self.engine = Engine(settings, self.db, transports)
         self.waiting = WaitingRoom(settings.web_threads, RESERVED_THREADS)
         if start_background:
-            self.engine.start_heartbeat()
+            self.engine.start_background()
             start_recovery(self.engine)
 
     def drive_and_answer(self, saga: Saga) -> dict:
@@ -432,7 +432,8 @@ def health():
     up = o.db.ping()
     body = {"service": "orchestrator", "status": "ok" if up else "degraded",
             "database": "up" if up else "down", "owner": o.engine.owner,
-            "active_sagas": len(o.engine.active_ids()), "transport": o.settings.transport}
+            "active_sagas": len(o.engine.active_ids()),
+            "waiting_sagas": o.engine.waiting_count(), "transport": o.settings.transport}
     if request.args.get("all"):
         quick = urllib3.Timeout(connect=o.settings.connect_timeout, read=2)
         body["services"] = {s: service_call(s, "GET", "/health", timeout=quick)

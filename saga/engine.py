@@ -1,9 +1,12 @@
 """The engine: drives each saga forward step by step and, on a failure, back through its
 compensations in reverse; persists every decision before acting on it; keeps the lease
-of every saga it drives alive. Recovery of other orchestrators' sagas is in
-saga/recovery.py."""
+of every saga it drives alive. A saga whose next call is due later holds no thread: it
+waits in a schedule and is driven again when due. Recovery of other orchestrators'
+sagas is in saga/recovery.py."""
 
 import dataclasses
+import heapq
+import itertools
 import logging
 import os
 import socket
@@ -31,10 +34,16 @@ class Engine:
         self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.store = SagaStore(db, self.owner, settings.lease_seconds, settings.compensate_for)
         self.executor = ThreadPoolExecutor(settings.drivers, thread_name_prefix="saga")
-        # Saga id -> drivers holding it here. A count, not a set: an operator action can
-        # start a new driver while the one it fenced off is still winding down.
+        # Saga id -> drivers holding it here (its lease is renewed while it is here). A
+        # count, not a set: an operator action can start a new driver while the one it
+        # fenced off is still winding down.
         self._active = Counter()
         self._active_lock = threading.Lock()
+        self._submitted = 0                 # sagas on or queued for a driver thread
+        # Sagas waiting for their next call: (due, tie-breaker, saga), soonest first.
+        self._schedule: list = []
+        self._order = itertools.count()
+        self._schedule_changed = threading.Condition()
         self.stopping = threading.Event()
 
     # -- starting and running sagas ----------------------------------------------------
@@ -43,11 +52,24 @@ class Engine:
         return self.store.create(saga_type, data, "orchestration", self.settings.transport,
                                  key, request_hash)
 
-    def run(self, saga: Saga, resumed: bool = False) -> Future:
-        """Drive `saga` on a driver thread; the future gives the saga when it stops."""
+    def run(self, saga: Saga, resumed: bool = False, due: bool = False) -> Future:
+        """Drive `saga` on a driver thread; the future gives the saga when it stops (or
+        waits in the schedule). `due`: it comes back from the schedule."""
         with self._active_lock:
             self._active[saga.id] += 1
-        return self.executor.submit(self._drive, saga, resumed)
+            self._submitted += 1
+        future = self.executor.submit(self._drive, saga, resumed, due)
+        future.add_done_callback(self._driver_done)
+        return future
+
+    def _driver_done(self, future: Future) -> None:
+        with self._active_lock:
+            self._submitted -= 1
+
+    def free_drivers(self) -> int:
+        """Driver threads with nothing to do or queued: what recovery may take on."""
+        with self._active_lock:
+            return self.settings.drivers - self._submitted
 
     def drive_for(self, saga: Saga, seconds: float) -> Saga:
         """Drive `saga` on the calling thread, a request waiting for it (no hop to a
@@ -62,19 +84,29 @@ class Engine:
         with self._active_lock:
             return list(self._active)
 
-    def _drive(self, saga: Saga, resumed: bool) -> Saga:
+    def _drive(self, saga: Saga, resumed: bool, due: bool = False) -> Saga:
         handed_over = False
         try:
+            if due and not self.store.take_back(saga):
+                log.info("saga %s: taken over while it waited; dropped here", saga.id)
+                return saga
             if saga.unsaved:
                 self._persist(saga, *saga.unsaved)
             if resumed:
                 self._resume(saga)
             while saga.status in ACTIVE and not self.stopping.is_set():
-                if saga.hand_over_at is not None and \
-                        time.monotonic() + saga.wait >= saga.hand_over_at:
+                if saga.hand_over_at is not None and time.monotonic() >= saga.hand_over_at:
                     raise HandOver(saga.id)
-                if saga.wait > 0 and self.stopping.wait(saga.wait):
-                    break
+                if saga.wait > 0:
+                    # A request's own thread may wait out a delay that ends before its
+                    # hand-over; a driver thread never sleeps on a saga.
+                    if saga.hand_over_at is None or \
+                            time.monotonic() + saga.wait >= saga.hand_over_at:
+                        self._park(saga)
+                        break
+                    if self.stopping.wait(saga.wait):
+                        break
+                    saga.wait = 0.0
                 if saga.status == Status.RUNNING:
                     self._invoke_step(saga)
                 else:
@@ -82,7 +114,10 @@ class Engine:
         except HandOver:
             # The lease stays ours (the saga stays in _active): carry on elsewhere.
             saga.hand_over_at = None
-            self.executor.submit(self._drive, saga, False)
+            with self._active_lock:
+                self._submitted += 1
+            self.executor.submit(self._drive, saga, False).add_done_callback(
+                self._driver_done)
             handed_over = True
         except LostLease:
             log.info("saga %s: taken over (its fence moved on); stopping here", saga.id)
@@ -96,6 +131,38 @@ class Engine:
                     if self._active[saga.id] <= 0:
                         del self._active[saga.id]
         return saga
+
+    # -- waiting ---------------------------------------------------------------------
+
+    def _park(self, saga: Saga) -> None:
+        """Put a saga whose next call is due later in the schedule. Its saved lease
+        covers the wait (plus a lease period), so no other orchestrator takes it unless
+        this one is gone by then; it is not renewed meanwhile."""
+        saga.hand_over_at = None
+        with self._schedule_changed:
+            heapq.heappush(self._schedule,
+                           (time.monotonic() + saga.wait, next(self._order), saga))
+            self._schedule_changed.notify()
+
+    def waiting_count(self) -> int:
+        with self._schedule_changed:
+            return len(self._schedule)
+
+    def start_schedule(self) -> None:
+        threading.Thread(target=self._schedule_loop, name="schedule", daemon=True).start()
+
+    def _schedule_loop(self) -> None:
+        """Hand each waiting saga to a driver thread when its next call is due."""
+        while not self.stopping.is_set():
+            with self._schedule_changed:
+                now = time.monotonic()
+                if not self._schedule or self._schedule[0][0] > now:
+                    timeout = self._schedule[0][0] - now if self._schedule else 1.0
+                    self._schedule_changed.wait(min(timeout, 1.0))
+                    continue
+                _, _, saga = heapq.heappop(self._schedule)
+            saga.wait = 0.0
+            self.run(saga, due=True)
 
     # -- one step forward or back ------------------------------------------------------
 
@@ -242,8 +309,10 @@ class Engine:
 
     # -- leases ----------------------------------------------------------------------------
 
-    def start_heartbeat(self) -> None:
+    def start_background(self) -> None:
+        """The lease heartbeat and the schedule of waiting sagas."""
         threading.Thread(target=self._heartbeat_loop, name="lease", daemon=True).start()
+        self.start_schedule()
 
     def _heartbeat_loop(self) -> None:
         while not self.stopping.wait(self.settings.lease_seconds / 4):

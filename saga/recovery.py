@@ -16,13 +16,15 @@ from saga.engine import Engine
 log = logging.getLogger("saga")
 
 
-
 def recover_expired_sagas(engine: Engine) -> int:
-    """Claim and resume what this process can take on now. A busy orchestrator still
-    claims a few, so a peer's sagas are never left waiting for it to be idle."""
-    busy = engine.active_ids()
-    limit = min(50, max(4, engine.settings.drivers - len(busy)))
-    sagas = engine.store.claim_expired(limit, busy)
+    """Claim and resume only what this process can drive now (a driver thread is free
+    for it): a saga claimed and left queued would have its lease renewed here while a
+    less busy peer could have run it. No driver sleeps through a saga's wait, so free
+    ones come round quickly."""
+    limit = min(50, engine.free_drivers())
+    if limit <= 0:
+        return 0
+    sagas = engine.store.claim_expired(limit, engine.active_ids())
     for saga in sagas:
         log.info("saga %s: resuming %s at step %d attempt %d", saga.id, saga.status,
                  saga.step + 1, saga.attempt)

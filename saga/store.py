@@ -224,8 +224,10 @@ class SagaStore:
                 f"next_attempt_at = NOW(3) + INTERVAL {us(delay)} MICROSECOND, "
                 + (f"compensate_until = NOW(3) + INTERVAL {self.compensate_us} MICROSECOND, "
                    if gives_up else "compensate_until = NULL, " if new_compensation else "")
+                # A saga that waits for its next call keeps its lease through the wait
+                # and one lease period after, unrenewed: see Engine._park.
                 + ("lease_owner = NULL, lease_until = NOW(3) " if done else
-                   f"lease_until = NOW(3) + INTERVAL {self.lease_us} MICROSECOND ")
+                   f"lease_until = NOW(3) + INTERVAL {us(delay) + self.lease_us} MICROSECOND ")
                 + f"WHERE id = %s AND fence = {number(saga.fence)} "
                 f"AND revision = {number(saga.revision)}" + (f"; {logged}" if logged else ""),
                 (saga.status.value, json.dumps(saga.results, ensure_ascii=False),
@@ -249,10 +251,11 @@ class SagaStore:
         return saga_from_row(row) if row else None
 
     def claim_expired(self, limit: int, busy=()) -> list[Saga]:
-        """Take orchestrated sagas whose owner stopped renewing its lease (but not `busy`
-        ones, which this process is still driving). SKIP LOCKED lets several
-        orchestrators scan at once without waiting on or double-taking a row; READ
-        COMMITTED takes no gap locks, which would deadlock with the inserts of /start."""
+        """Take orchestrated sagas whose owner stopped renewing its lease and whose next
+        call is due (but not `busy` ones, which this process is still driving). SKIP
+        LOCKED lets several orchestrators scan at once without waiting on or
+        double-taking a row; READ COMMITTED takes no gap locks, which would deadlock with
+        the inserts of /start."""
         if limit <= 0:
             return []
         skip = "".join(" AND id <> %s" for _ in busy)
@@ -260,7 +263,8 @@ class SagaStore:
         def claim(cur):
             cur.execute(
                 "SELECT id FROM SAGA WHERE mode = 'orchestration' AND status IN "
-                f"('RUNNING', 'COMPENSATING') AND lease_until < NOW(3){skip} "
+                f"('RUNNING', 'COMPENSATING') AND lease_until < NOW(3) "
+                f"AND next_attempt_at <= NOW(3){skip} "
                 "ORDER BY lease_until LIMIT %s FOR UPDATE SKIP LOCKED", (*busy, limit))
             ids = [row["id"] for row in cur.fetchall()]
             if not ids:
@@ -273,6 +277,18 @@ class SagaStore:
             return [saga_from_row(row) for row in cur.fetchall()]
 
         return self.db.run(claim, attempts=1, read_committed=True)
+
+    def take_back(self, saga: Saga) -> bool:
+        """Renew the lease of a saga this orchestrator left waiting, now that its next
+        call is due: False if another orchestrator (or an operator) took it meanwhile."""
+        def renew(cur):
+            cur.execute("UPDATE SAGA SET lease_until = NOW(3) + INTERVAL %s MICROSECOND "
+                        "WHERE id = %s AND fence = %s AND lease_owner = %s "
+                        "AND status IN ('RUNNING', 'COMPENSATING')",
+                        (self.lease_us, saga.id, saga.fence, self.owner))
+            return cur.rowcount == 1
+
+        return self.db.run(renew)
 
     def renew(self, ids) -> None:
         """Extend the leases of the sagas this process drives. SKIP LOCKED: a saga row

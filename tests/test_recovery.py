@@ -290,3 +290,26 @@ def test_unresolvable_service_name_is_said_plainly_and_needs_no_undo(make_system
     assert "name not resolved" in resp.json()["reason"]
     # The request never left: C is not compensated, B and A are.
     assert [c[0] for c in system.calls(sid) if c[1] == "compensate"] == ["B", "A"]
+
+
+def test_sagas_waiting_on_a_dead_service_hold_no_driver_thread(make_system):
+    # Two drivers; each start hands its saga to them after 0.2 s, and every retry is
+    # due 0.25-0.5 s later, after that hand-over.
+    system = make_system(SAGA_DRIVERS="2", SAGA_START_WAIT="0.2", SAGA_BACKOFF_BASE="0.5",
+                         SAGA_BACKOFF_MAX="0.5")
+    system.system.kill("service_b")
+    stuck = [system.transfer({"from": "A", "to": "B", "amount": 1}) for _ in range(3)]
+    assert [r.status_code for r in stuck] == [202] * 3
+    system.set_fault("C", mode="fail", next=1)
+    resp = system.transfer({"from": "A", "to": "C", "amount": 5})
+    assert resp.status_code == 202, resp.text
+    # The credit to C needs one retry, on a driver thread, while three transfers into
+    # dead B keep retrying: it completes all the same.
+    assert system.wait_status(resp.json()["saga"], timeout=30) == "COMPLETED"
+    waiting = [r.json()["saga"] for r in stuck]
+    assert {system.status(sid) for sid in waiting} == {"RUNNING"}
+    assert system.get("/health").json()["waiting_sagas"] >= 1
+    system.system.start("service_b")
+    for sid in waiting:
+        assert system.wait_status(sid, timeout=30) == "COMPLETED"
+    system.assert_money_conserved()
