@@ -18,6 +18,7 @@ from werkzeug.routing import BaseConverter
 from common import SERVICES, Database, load_settings
 from faults import parse_fault
 from openapi import SPEC
+from participant.choreography import redrive_undo
 from saga.answers import (answer_from_store, answer_of, first_saga_of, poll_outcome,
                           request_hash)
 from saga.definitions import REGISTRATION, SAGA_TYPES, TRANSFER
@@ -310,6 +311,15 @@ def compensate(saga_id):
 @operating.post("/sagas/<saga_id:saga_id>/retry")
 def retry(saga_id):
     require_token(orchestrator().settings)
+    check_saga_id(saga_id)
+    o = orchestrator()
+    if o.db.run(lambda cur: redrive_undo(cur, o.engine.store, saga_id)):
+        # A choreographed saga: the services carry its undo on; watch it finish.
+        saga = o.engine.store.load(saga_id)
+        with o.waiting.seat_if_free() as seated:
+            answer = o.poll_outcome(saga, time.monotonic() + (
+                o.settings.start_wait if seated else 0))
+        return respond(answer, 202 if answer["status"] in ACTIVE else 200)
 
     def decide(saga, lease_live):
         if saga.status == Status.FAILED:
@@ -339,7 +349,8 @@ def operator_action(saga_id: str, decide):
     def decide_orchestrated(saga, lease_live):
         if saga.mode != "orchestration":
             raise ApiError(f"saga {saga_id} is choreographed by the services; the "
-                           "orchestrator only reads it", status=409)
+                           "orchestrator only reads it, and retries it once it is FAILED",
+                           status=409)
         return decide(saga, lease_live)
 
     with o.waiting.seat_if_free() as seated:

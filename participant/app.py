@@ -18,6 +18,7 @@ from common import Database, Settings, UnsupportedServer, load_settings, purge_i
 from faults import FaultStore, initial_fault, parse_fault
 from participant.choreography import Choreography
 from participant.core import Answer, Participant
+from participant.events import Outbox
 from participant.operations import read_accounts
 from saga.answers import first_saga_of, request_hash
 from saga.definitions import REGISTRATION
@@ -137,12 +138,16 @@ def start_background(app: Flask) -> None:
 
 
 def purge_ledger(participant: Participant, days: float) -> None:
+    """The service's share of SAGA_RETENTION_DAYS: its ledger entries and its published
+    events, in small batches."""
     while True:
         try:
-            while participant.db.run(lambda cur: participant.ledger.purge(cur, days)):
-                pass
+            for purge in (participant.ledger.purge,
+                          lambda cur, days: Outbox.purge(cur, participant.service, days)):
+                while participant.db.run(lambda cur: purge(cur, days)):
+                    pass
         except (mysql.connector.Error, UnsupportedServer) as exc:
-            log.warning("ledger retention pass failed: %s", exc)
+            log.warning("retention pass failed: %s", exc)
         time.sleep(purge_interval(days))
 
 

@@ -26,9 +26,9 @@ from mysql.connector import errorcode
 
 from common import Settings, backoff_delay
 from participant.core import Participant
-from participant.events import Consumer, Outbox, Relay
+from participant.events import Consumer, DeadLetters, Outbox, Relay, Unreadable
 from saga.answers import answer_from_store
-from saga.definitions import REGISTRATION
+from saga.definitions import REGISTRATION, SAGA_TYPES
 from saga.errors import KnownStart
 from saga.model import ACTIVE, SagaType, Status
 from saga.store import LogEntry, SagaStore, insert_log, saga_event
@@ -77,6 +77,17 @@ def bindings(saga_type: SagaType) -> dict[str, list[str]]:
     return {s: sorted(reactions(saga_type, s)) for s in sorted(services)}
 
 
+def check_event(payload) -> None:
+    """Unreadable unless the payload has the shape every event of ours has."""
+    if not isinstance(payload, dict):
+        raise Unreadable(f"an event is a JSON object, not {type(payload).__name__}")
+    for name, kind in (("saga_id", str), ("type", str), ("input", dict), ("results", dict)):
+        if not isinstance(payload.get(name), kind):
+            raise Unreadable(f"{name} is missing or not a {kind.__name__}")
+    if not 0 < len(payload["saga_id"]) <= 36:
+        raise Unreadable("saga_id must be 1-36 characters")
+
+
 def result_of(answer: dict) -> dict:
     return {k: v for k, v in answer.items() if k not in ("status", "saga_id", "op")}
 
@@ -96,6 +107,8 @@ class Choreography:
         self.settled: dict[str, threading.Event] = {}   # sagas a request here waits for
         self.stopping = threading.Event()
         self.relay = Relay(service, self.db, settings, bindings(saga_type), self.stopping)
+        self.dead = DeadLetters()
+        participant.status["rabbitmq"] = lambda: {"dead_lettered": self.dead.count}
 
     @property
     def starts_sagas(self) -> bool:
@@ -105,7 +118,7 @@ class Choreography:
         self.relay.start()
         for n in range(self.settings.consumers):
             Consumer(self.service, self.settings, bindings(self.saga_type), self.handle,
-                     self.stopping, n).start()
+                     self.stopping, n, self.dead).start()
 
     def published(self, cur=None) -> None:
         """Wake the relay once the transaction holding a new event has committed."""
@@ -192,15 +205,16 @@ class Choreography:
 
     # -- reacting to events ------------------------------------------------------------
 
-    def handle(self, event: str, payload: dict, attempt: int) -> str:
+    def handle(self, event: str, payload, attempt: int) -> str:
+        check_event(payload)
         with self.participant.in_flight:
             return self.react(event, payload, attempt)
 
     def react(self, event: str, payload: dict, attempt: int) -> str:
         reaction = self.reactions.get(event)
-        if reaction is None or payload.get("type") != self.saga_type.name:
-            log.warning("service %s: no reaction to %s; dropped", self.service, event)
-            return "done"
+        if reaction is None or payload["type"] != self.saga_type.name:
+            raise Unreadable(f"service {self.service} has no reaction to a "
+                             f"{payload['type']} event {event}")
         if reaction.kind == "invoke":
             return self.run_step(event, payload, reaction.step, attempt)
         if reaction.kind == "compensate":
@@ -266,11 +280,31 @@ class Choreography:
             if k == 0:
                 self.heard_end_of(saga_id)
             return answer.after if answer.after != "off" else "done"
-        # An undo must eventually succeed: it is retried, with backoff, for as long as
-        # it takes (an operator sees it in SAGA_LOG).
-        self.note_failure(saga_id, k, "compensate",
-                          answer.body.get("error", f"HTTP {answer.status}"), event, attempt)
+        # An undo is retried, with backoff, until SAGA_COMPENSATE_FOR has passed since
+        # the compensation began; then the saga is parked FAILED for an operator, whose
+        # /retry sends this undo's event again (redrive_undo).
+        message = answer.body.get("error", f"HTTP {answer.status}")
+        if self.park_failed(saga_id, k, message, event, attempt):
+            return "done"
+        self.note_failure(saga_id, k, "compensate", message, event, attempt)
         return "retry"
+
+    def park_failed(self, saga_id: str, k: int, message: str, heard: str,
+                    attempt: int) -> bool:
+        step = self.saga_type.steps[k]
+        reason = f"compensation of {step.name} kept failing: {message}"
+
+        def park(cur):
+            if not self.store.fail_overdue_choreographed(cur, saga_id, k, reason):
+                return False
+            self.log_call(cur, saga_id, k, "compensate", "failed", message, heard, attempt)
+            insert_log(cur, [saga_event(saga_id, Status.FAILED, f"{reason}; needs an operator")])
+            return True
+
+        parked = self.db.run(park)
+        if parked:
+            self.heard_end_of(saga_id)
+        return parked
 
     def finish(self, event: str, payload: dict) -> str:
         saga_id = payload["saga_id"]
@@ -323,3 +357,21 @@ class Choreography:
         self.db.run(lambda cur: self.log_call(
             cur, saga_id, k, action, "failed", f"{message}; delivered again later", heard,
             attempt))
+
+
+def redrive_undo(cur, store: SagaStore, saga_id: str) -> bool:
+    """An operator's retry of a FAILED choreographed saga, in the caller's transaction:
+    back to COMPENSATING, and the event that makes the service whose undo kept failing
+    try it again goes to the outbox of the service that would have sent it. False if
+    the saga is not a FAILED choreographed one."""
+    row = store.retry_choreographed(cur, saga_id, "compensation retried by an operator")
+    if row is None:
+        return False
+    saga_type, k = SAGA_TYPES[row["type"]], row["step"]
+    payload = {"saga_id": saga_id, "type": saga_type.name, "input": row["input"],
+               "results": row["results"]}
+    Outbox.add(cur, step_service(saga_type, k + 1), saga_id,
+               event_name(saga_type, k + 1, UNDONE), payload)
+    insert_log(cur, [saga_event(saga_id, Status.COMPENSATING,
+                                "compensation retried by an operator (its undo event sent again)")])
+    return True

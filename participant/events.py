@@ -9,7 +9,10 @@ moves events, and moves them so that none is lost:
   crash in between redelivers it: the ledger answers the repeat);
 - queues are durable and messages persistent, so a broker restart loses nothing;
 - a handler that fails is retried after a delay through a per-attempt retry queue whose
-  messages dead-letter back to the service's queue.
+  messages dead-letter back to the service's queue;
+- a message that cannot be read (not JSON, not an event, a bad header) is parked in the
+  service's dead-letter queue, counted and logged, never retried and never the end of a
+  consumer.
 
 Relay and consumers run as threads in each server worker process (started after the
 fork), so a worker that gunicorn replaces, or several processes of one service, each
@@ -57,6 +60,14 @@ def retry_queue(settings: Settings, service: str, delay_ms: int) -> str:
     return f"{service_queue(settings, service)}.retry.{delay_ms}ms"
 
 
+def dead_letter_queue(settings: Settings, service: str) -> str:
+    return f"{service_queue(settings, service)}.dead"
+
+
+class Unreadable(Exception):
+    """A message no handler can make sense of, now or on a redelivery: parked."""
+
+
 def connect(settings: Settings) -> pika.BlockingConnection:
     params = pika.URLParameters(settings.rabbitmq_url)
     params.heartbeat = 30
@@ -73,6 +84,7 @@ def declare_topology(channel, settings: Settings, bindings: dict) -> None:
     for service, keys in bindings.items():
         queue = service_queue(settings, service)
         channel.queue_declare(queue, durable=True)
+        channel.queue_declare(dead_letter_queue(settings, service), durable=True)
         for key in keys:
             channel.queue_bind(queue, exchange(settings), routing_key=key)
         for delay in retry_delays(settings):
@@ -136,9 +148,12 @@ class Outbox:
         cur.execute(f"UPDATE OUTBOX SET published_at = NOW(3) WHERE id IN ({marks})", ids)
 
     @staticmethod
-    def purge(cur, older_than_days: float, batch: int = 500) -> int:
-        cur.execute("DELETE FROM OUTBOX WHERE published_at < NOW(3) - INTERVAL %s MICROSECOND "
-                    "LIMIT %s", (int(older_than_days * 86400e6), batch))
+    def purge(cur, service: str, older_than_days: float, batch: int = 500) -> int:
+        """Published events older than the retention (an unpublished one is never
+        purged: the relay still owes it to the broker)."""
+        cur.execute("DELETE FROM OUTBOX WHERE service = %s AND published_at < "
+                    "NOW(3) - INTERVAL %s MICROSECOND LIMIT %s",
+                    (service, int(older_than_days * 86400e6), batch))
         return cur.rowcount
 
 
@@ -188,15 +203,28 @@ class Relay(BrokerThread):
         return self.db.run(publish, attempts=2)
 
 
+class DeadLetters:
+    """How many messages this process parked, for /health."""
+
+    def __init__(self):
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
 class Consumer(BrokerThread):
     """Takes this service's events one at a time and acknowledges each only after its
     handler finished. `handle(event, payload, attempt)` returns "done", "retry" (the
-    handler failed and may succeed later), "crash" or "drop" (an injected fault)."""
+    handler failed and may succeed later), "crash" or "drop" (an injected fault), or
+    raises Unreadable."""
 
     def __init__(self, service: str, settings: Settings, bindings: dict, handle,
-                 stopping: threading.Event, number: int):
+                 stopping: threading.Event, number: int, dead: DeadLetters):
         super().__init__(f"consumer-{service}-{number}", settings, bindings, stopping)
-        self.service, self.handle = service, handle
+        self.service, self.handle, self.dead = service, handle, dead
         self.delays = retry_delays(settings)
 
     def serve(self, connection, channel) -> None:
@@ -206,19 +234,26 @@ class Consumer(BrokerThread):
             connection.process_data_events(time_limit=0.2)
 
     def on_message(self, channel, deliver, properties, body: bytes) -> None:
-        headers = properties.headers or {}
-        attempt = int(headers.get(ATTEMPT_HEADER, 1))
+        headers = properties.headers if isinstance(properties.headers, dict) else {}
         event = headers.get(EVENT_HEADER, deliver.routing_key)
         try:
-            payload = json.loads(body)
-            verdict = self.handle(event, payload, attempt)
+            attempt = read_attempt(headers)
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                raise Unreadable("not JSON") from None
+            verdict = self.handle(str(event), payload, attempt)
         except (mysql.connector.Error, UnsupportedServer) as exc:
             log.warning("consumer %s: %s on %s; will retry", self.service, exc, event)
             verdict = "retry"
-        except ValueError:
-            log.error("consumer %s: dropping a message that is not JSON: %r", self.service,
-                      body[:200])
-            verdict = "done"
+        except Unreadable as exc:
+            return self.park(channel, deliver, properties, body, str(exc))
+        except Exception as exc:
+            # A bug or a message of a shape nobody foresaw: it would fail the same way on
+            # every redelivery, so it is parked where an operator can look at it.
+            log.exception("consumer %s: handling %s failed", self.service, event)
+            return self.park(channel, deliver, properties, body,
+                             f"handler failed: {type(exc).__name__}: {exc}")
         if verdict == "retry":
             # The copy is confirmed by the broker before the original is acknowledged.
             delay = self.delays[min(attempt, len(self.delays)) - 1]
@@ -236,6 +271,28 @@ class Consumer(BrokerThread):
             log.warning("injected connection drop after commit")
             raise DropConnection()
         channel.basic_ack(deliver.delivery_tag)
+
+
+    def park(self, channel, deliver, properties, body: bytes, reason: str) -> None:
+        """Into the dead-letter queue (confirmed by the broker), then acknowledged."""
+        queue = service_queue(self.settings, self.service)
+        log.error("consumer %s: parked a message from %s in %s (%s): %r", self.service,
+                  queue, dead_letter_queue(self.settings, self.service), reason, body[:200])
+        headers = properties.headers if isinstance(properties.headers, dict) else {}
+        channel.basic_publish("", dead_letter_queue(self.settings, self.service), body,
+                              properties=pika.BasicProperties(
+                                  delivery_mode=pika.DeliveryMode.Persistent,
+                                  headers={**headers, "x-saga-parked": reason[:500],
+                                           "x-saga-routing-key": deliver.routing_key}))
+        channel.basic_ack(deliver.delivery_tag)
+        self.dead.add()
+
+
+def read_attempt(headers: dict) -> int:
+    value = headers.get(ATTEMPT_HEADER, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
+        raise Unreadable(f"{ATTEMPT_HEADER} header must be a positive integer, not {value!r}")
+    return value
 
 
 class DropConnection(Exception):

@@ -69,12 +69,13 @@ class Ledger:
                     (_dump(answer), self.service, saga_id, op))
 
     def purge(self, cur, older_than_days: float, batch: int = 500) -> int:
-        """Forget entries older than the retention, but never one of a saga that is not
-        finished: its tombstone or its first answer may still be needed."""
+        """Forget entries older than the retention whose saga is gone (purged by its
+        own retention, or never known here): while a saga's row exists, a late or
+        repeated call, or an operator's compensation, may still need its tombstone or
+        its first answer."""
         cur.execute("DELETE FROM STEP_LEDGER WHERE service = %s AND updated_at < "
                     "NOW(3) - INTERVAL %s MICROSECOND AND NOT EXISTS (SELECT 1 FROM SAGA "
-                    "WHERE SAGA.id = STEP_LEDGER.saga_id AND SAGA.status IN "
-                    "('RUNNING', 'COMPENSATING', 'FAILED')) LIMIT %s",
+                    "WHERE SAGA.id = STEP_LEDGER.saga_id) LIMIT %s",
                     (self.service, int(older_than_days * 86400e6), batch))
         return cur.rowcount
 

@@ -351,17 +351,45 @@ class SagaStore:
                              rejected: bool = False) -> bool:
         """Move a choreographed saga on, inside the caller's transaction (the service
         that learned the news). False if the move is not allowed from where it is, e.g. a
-        redelivered event that was already taken into account."""
-        cur.execute("SELECT status FROM SAGA WHERE id = %s FOR UPDATE", (saga_id,))
+        redelivered event that was already taken into account. Entering COMPENSATING
+        starts its compensation's time budget (SAGA_COMPENSATE_FOR), as in orchestration."""
+        cur.execute("SELECT status, type FROM SAGA WHERE id = %s FOR UPDATE", (saga_id,))
         row = cur.fetchone()
         if row is None or status not in TRANSITIONS[Status(row["status"])] \
                 or Status(row["status"]) == status:
             return False
+        gives_up = status == Status.COMPENSATING and \
+            SAGA_TYPES[row["type"]].compensation_gives_up
         cur.execute("UPDATE SAGA SET status = %s, step = %s, revision = revision + 1, "
                     "failed_step = COALESCE(%s, failed_step), reason = COALESCE(%s, reason), "
-                    "rejected = rejected OR %s WHERE id = %s",
-                    (status.value, step, failed_step, reason, rejected, saga_id))
+                    "rejected = rejected OR %s, compensate_until = "
+                    "IF(%s, NOW(3) + INTERVAL %s MICROSECOND, compensate_until) WHERE id = %s",
+                    (status.value, step, failed_step, reason, rejected, gives_up,
+                     self.compensate_us, saga_id))
         return True
+
+    def fail_overdue_choreographed(self, cur, saga_id: str, step: int, reason: str) -> bool:
+        """Park a choreographed saga whose undo kept failing past its time budget: FAILED,
+        for an operator. False while it still has time (or is not compensating)."""
+        cur.execute("UPDATE SAGA SET status = 'FAILED', step = %s, reason = %s, "
+                    "revision = revision + 1 WHERE id = %s AND status = 'COMPENSATING' "
+                    "AND compensate_until < NOW(3)", (step, reason[:1000], saga_id))
+        return cur.rowcount == 1
+
+    def retry_choreographed(self, cur, saga_id: str, reason: str) -> dict | None:
+        """A FAILED choreographed saga back to COMPENSATING with a new time budget, for an
+        operator: its row (type, step, input, results) to re-send the undo from, or None
+        if it is not a FAILED choreographed saga."""
+        cur.execute("SELECT id, type, step, input, results FROM SAGA WHERE id = %s AND "
+                    "mode = 'choreography' AND status = 'FAILED' FOR UPDATE", (saga_id,))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        cur.execute("UPDATE SAGA SET status = 'COMPENSATING', reason = %s, "
+                    "revision = revision + 1, "
+                    "compensate_until = NOW(3) + INTERVAL %s MICROSECOND WHERE id = %s",
+                    (reason[:1000], self.compensate_us, saga_id))
+        return {**row, "input": json.loads(row["input"]), "results": json.loads(row["results"])}
 
     @staticmethod
     def save_results(cur, saga_id: str, results: dict) -> None:

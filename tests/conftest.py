@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from common import SERVICES, Settings  # noqa: E402
 from kafka_io import COMMAND_PARTITIONS  # noqa: E402
-from participant.events import retry_delays, retry_queue, service_queue  # noqa: E402
+from participant.events import dead_letter_queue, retry_delays, retry_queue, service_queue  # noqa: E402
 from brokers import PrivateKafka, PrivateRabbitMQ  # noqa: E402
 from launcher import PrivateMariaDB, System, wait_for  # noqa: E402
 
@@ -285,7 +285,8 @@ class LiveSystem:
         conn = pika.BlockingConnection(pika.URLParameters(self.rabbitmq.url))
         try:
             for service in SERVICES:
-                for queue in [service_queue(settings, service)] + [
+                for queue in [service_queue(settings, service),
+                              dead_letter_queue(settings, service)] + [
                         retry_queue(settings, service, d) for d in retry_delays(settings)]:
                     channel = conn.channel()
                     try:

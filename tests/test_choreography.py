@@ -3,9 +3,15 @@ the user and publishes an event; B and C react in turn; a failure or refusal sen
 undo back by events, in reverse order. No orchestrator in the path, nothing lost when a
 service dies between its commit and its publish, or when the broker restarts."""
 
+import pika
 import pytest
 
+from common import SERVICES, Settings
 from conftest import SEED_INPUT, in_background, join
+from launcher import wait_for
+from participant.choreography import bindings
+from participant.events import dead_letter_queue, service_queue
+from saga.definitions import REGISTRATION
 
 FORWARD = [("A", "invoke", None, "success"),
            ("A", "publish", "registration.user.done", "published"),
@@ -159,3 +165,76 @@ def test_first_step_failing_every_time_answers_503_and_writes_nothing(live_syste
     assert resp.status_code == 503 and "nothing was written" in resp.json()["error"]
     assert live_system.query("SELECT COUNT(*) FROM SAGA")[0][0] == 0
     assert live_system.get_service("A", "/faults")["calls"] == 3
+
+
+MALFORMED = [
+    (b"not json", {}),
+    (b"[1, 2]", {}),
+    (b'"text"', {}),
+    (b'{"type": "registration", "input": {}, "results": {}}', {}),              # no saga_id
+    (b'{"saga_id": 7, "type": "registration", "input": {}, "results": {}}', {}),
+    (b'{"saga_id": "s", "type": "registration", "input": [], "results": {}}', {}),
+    (b'{"saga_id": "s", "type": "other", "input": {}, "results": {}}', {}),
+    (b'{"saga_id": "s", "type": "registration", "input": {}, "results": {}}',
+     {"x-saga-attempt": "first"}),
+    (b'{"saga_id": "s", "type": "registration", "input": {}, "results": {}}',
+     {"x-saga-attempt": -1}),
+]
+
+
+def test_malformed_messages_are_parked_and_every_consumer_keeps_consuming(live_system):
+    settings = Settings(db_name=live_system.dbname)
+    conn = pika.BlockingConnection(pika.URLParameters(live_system.rabbitmq.url))
+    try:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        for service in SERVICES:
+            for body, headers in MALFORMED:
+                # Under the routing key of an event the service does react to.
+                event = bindings(REGISTRATION)[service][0]
+                channel.basic_publish("", service_queue(settings, service), body,
+                                      pika.BasicProperties(headers={"x-saga-event": event,
+                                                                    **headers}))
+
+        def parked():
+            return [channel.queue_declare(dead_letter_queue(settings, s), passive=True)
+                    .method.message_count for s in SERVICES]
+
+        wait_for(lambda: parked() == [len(MALFORMED)] * 3, 30, "every message to be parked")
+    finally:
+        conn.close()
+    counted = sum(live_system.get_service(s, "/health")["rabbitmq"]["dead_lettered"]
+                  for s in SERVICES)
+    assert counted == 3 * len(MALFORMED)
+    # Every consumer of every service is still there: sagas of every mode run.
+    for _ in range(2 * int(live_system.system.env["SAGA_CONSUMERS"])):
+        assert live_system.register().status_code == 200
+    assert live_system.start().status_code == 200
+    assert live_system.transfer({"amount": 5}).status_code == 200
+    live_system.assert_all_or_nothing()
+    live_system.assert_money_conserved()
+
+
+def test_an_undo_that_keeps_failing_parks_the_saga_failed_and_an_operator_retry_redrives_it(
+        live_system):
+    live_system.set_fault("C", mode="reject", next=1)
+    live_system.set_fault("B", mode="fail", on="compensate")
+    resp = live_system.register()
+    # SAGA_COMPENSATE_FOR is 3 s here: B's undo is retried that long, then the saga waits
+    # for an operator instead of being redelivered unseen forever.
+    assert resp.status_code == 502, resp.text
+    sid = resp.json()["saga"]
+    assert resp.json()["status"] == "FAILED" and "kept failing" in resp.json()["reason"]
+    assert live_system.row_counts(sid) == {"TABLE_A": 1, "TABLE_B": 1, "TABLE_C": 0}
+    listed = live_system.get("/sagas?status=FAILED&mode=choreography").json()["sagas"]
+    assert [s["id"] for s in listed] == [sid]
+
+    live_system.set_fault("B", mode="off")
+    retried = live_system.post(f"/sagas/{sid}/retry")
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["status"] == "COMPENSATED"
+    assert live_system.row_counts(sid) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    assert [e for e in live_system.events(sid) if e[1] == "compensate"][-2:] == [
+        ("B", "compensate", "registration.payment.undone", "success"),
+        ("A", "compensate", "registration.address.undone", "success")]
+    live_system.assert_all_or_nothing()
