@@ -688,6 +688,26 @@ def test_choreographed_saga_is_shown_as_an_event_flow(live_system, ui):
     ui.assert_clean()
 
 
+def test_a_failed_choreographed_saga_is_retried_from_the_page(live_system, ui):
+    live_system.set_fault("C", mode="reject", next=1)
+    live_system.set_fault("B", mode="fail", on="compensate")
+    resp = live_system.register({"username": "chor_stuck", "address": "6 St", "payment": "Visa"})
+    assert resp.status_code == 502 and resp.json()["status"] == "FAILED", resp.text
+    sid = resp.json()["saga"]
+
+    page = ui.open(live_system.url + "/")
+    row(page, sid).click()
+    status_of(page.locator("#detail-badge"), "FAILED")
+    expect(page.locator("#compensate")).to_be_hidden()
+    expect(page.locator("#action-note")).to_contain_text("can send its undo again")
+    live_system.set_fault("B", mode="off")
+    page.get_by_role("button", name="Retry compensation").click()
+    expect(page.locator("#action-msg")).to_contain_text("Now COMPENSATED")
+    status_of(row(page, sid), "COMPENSATED")
+    assert live_system.row_counts(sid) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    ui.assert_clean()
+
+
 def test_log_tail_shows_a_row_that_committed_late_in_id_order(live_system, ui):
     page = ui.open(live_system.url + "/")
     # A transaction that took its SAGA_LOG id before the saga's rows and commits after them.
