@@ -3,11 +3,16 @@ the user and publishes an event; B and C react in turn; a failure or refusal sen
 undo back by events, in reverse order. No orchestrator in the path, nothing lost when a
 service dies between its commit and its publish, or when the broker restarts."""
 
+import os
+import signal
+import time
+
 import pika
 import pytest
 
 from common import SERVICES, Settings
 from conftest import SEED_INPUT, in_background, join
+from brokers import list_descendants
 from launcher import wait_for
 from participant.choreography import bindings
 from participant.events import dead_letter_queue, service_queue
@@ -238,3 +243,47 @@ def test_an_undo_that_keeps_failing_parks_the_saga_failed_and_an_operator_retry_
         ("B", "compensate", "registration.payment.undone", "success"),
         ("A", "compensate", "registration.address.undone", "success")]
     live_system.assert_all_or_nothing()
+
+
+def test_a_service_killed_inside_its_handler_gets_the_event_again(live_system):
+    live_system.set_fault("B", mode="slow", seconds=60, next=1)
+    thread, answer = in_background(live_system.register)
+    live_system.wait_serving("B")
+    # The event B was handling was not acknowledged: the broker hands it out again to
+    # the B that comes back (its faults start off).
+    live_system.system.restart("service_b")
+    join(thread)
+    assert answer["resp"].status_code == 200, answer["resp"].text
+    assert answer["resp"].json()["status"] == "COMPLETED"
+    live_system.assert_all_or_nothing()
+
+
+def signal_broker(broker, sig):
+    for pid in [broker.proc.pid, *list_descendants(broker.proc.pid)]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def test_no_event_is_marked_published_before_the_broker_confirms_it(make_system, rabbitmq):
+    system = make_system()
+    signal_broker(rabbitmq, signal.SIGSTOP)
+    try:
+        thread, answer = in_background(system.register)
+        pending = wait_for(lambda: system.query("SELECT saga_id FROM OUTBOX"), 20,
+                           "A's event to be committed")
+        sid = pending[0][0]
+        # The relay has sent it and waits for the frozen broker's confirm: a negative
+        # can only be watched for a while, not polled for.
+        watch_until = time.monotonic() + 3
+        while time.monotonic() < watch_until:
+            assert system.query("SELECT COUNT(*) FROM OUTBOX WHERE published_at IS NOT NULL"
+                                ) == [(0,)]
+            time.sleep(0.1)
+    finally:
+        signal_broker(rabbitmq, signal.SIGCONT)
+    join(thread, 90)
+    assert answer["resp"].status_code == 200, answer["resp"].text
+    assert system.status(sid) == "COMPLETED"
+    assert system.query("SELECT COUNT(*) FROM OUTBOX WHERE published_at IS NULL") == [(0,)]
