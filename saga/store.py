@@ -46,7 +46,7 @@ LOG_INSERT = ("INSERT INTO SAGA_LOG (saga_id, service, status, message, step, op
 
 def number(value) -> str:
     """An int of our own (never user input) written into the SQL: each parameter costs
-    the pure-Python driver a conversion and an escape on the engine's hottest path."""
+    the driver a conversion and an escape in Python on the engine's hottest path."""
     return "NULL" if value is None else str(int(value))
 
 
