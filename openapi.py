@@ -4,7 +4,7 @@ tests/test_openapi.py validates real responses against it and fuzzes it."""
 
 from common import SERVICES
 from faults import FAULT_MODES, FAULT_TARGETS
-from saga.definitions import REGISTRATION, SAGA_TYPES, TRANSFER
+from saga.definitions import SAGA_TYPES
 from saga.model import ACTIONS, MODES, STATES, TRANSPORTS
 
 NULLABLE_TEXT = {"type": ["string", "null"]}
@@ -52,23 +52,33 @@ OUTCOME = dict(
 
 
 def input_schema(saga_type):
-    required = [f.name for f in saga_type.fields]
-    if saga_type is TRANSFER:  # from and to default to A and B, as in the seed
-        required = ["amount"]
-    return {"type": "object", "additionalProperties": False, "required": required,
+    return {"type": "object", "additionalProperties": False,
+            "required": [f.name for f in saga_type.fields if f.required],
             "properties": {f.name: f.schema for f in saga_type.fields}}
+
+
+def typed_input_schema(saga_type):
+    """The type's fields with saga_type naming it (the body of /sagas/start)."""
+    schema = input_schema(saga_type)
+    return {**schema, "required": ["saga_type", *schema["required"]],
+            "properties": {"saga_type": {"const": saga_type.name}, **schema["properties"]}}
+
+
+def input_name(saga_type) -> str:
+    return f"{saga_type.name.capitalize()}Input"
 
 
 def start(saga_type, operation_id, summary=None):
     return {"summary": summary or saga_type.summary, "operationId": operation_id,
             "parameters": [IDEMPOTENCY_KEY],
             "requestBody": {"required": True, "content": {"application/json": {
-                "schema": ref(f"{saga_type.name.capitalize()}Input")}}},
+                "schema": ref(input_name(saga_type))}}},
             "responses": answers(**OUTCOME)}
 
 
 OPERATOR = {"security": [{}, {"bearer": []}]}
 SAGA_TYPE_NAMES = list(SAGA_TYPES)
+FIRST_TYPE = next(iter(SAGA_TYPES.values()))
 
 SPEC = {
     "openapi": "3.1.0",
@@ -76,15 +86,18 @@ SPEC = {
              "description": "Runs sagas (registration A -> B -> C, money transfer) with "
                             "compensation; see README.md."},
     "paths": {
-        "/start": {"post": start(REGISTRATION, "start")},
+        **{t.start_path: {"post": start(t, f"start_{t.name}")}
+           for t in SAGA_TYPES.values() if t.start_path},
         "/sagas/start": {"post": {
-            **start(REGISTRATION, "startAny", "Start a saga of any type: the registration "
-                    "body, or a saga type's fields with saga_type naming it"),
+            **start(FIRST_TYPE, "startAny", "Start a saga of any type: a saga type's fields "
+                    f"with saga_type naming it, or without it the {FIRST_TYPE.name}'s"),
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "oneOf": [ref("RegistrationInput"), {
-                    "type": "object", "required": ["saga_type"],
-                    "properties": {"saga_type": {"enum": SAGA_TYPE_NAMES}}}]}}}}}},
-        "/transfer": {"post": start(TRANSFER, "transfer")},
+                "oneOf": [ref(input_name(FIRST_TYPE)),
+                          *(typed_input_schema(t) for t in SAGA_TYPES.values())]}}}}}},
+        "/saga-types": {"get": {
+            "summary": "The registered saga types: fields (with their JSON schema), steps, "
+                       "modes",
+            "responses": answers(_200=("SagaTypes", "every registered type"))}},
         "/sagas": {"get": {
             "summary": "List sagas, newest first",
             "parameters": [
@@ -173,7 +186,18 @@ SPEC = {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                        "description": "SAGA_API_TOKEN, when it is set"}},
         "schemas": {
-            **{f"{t.name.capitalize()}Input": input_schema(t) for t in SAGA_TYPES.values()},
+            **{input_name(t): input_schema(t) for t in SAGA_TYPES.values()},
+            "SagaTypes": {"type": "object", "required": ["saga_types"], "properties": {
+                "saga_types": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "summary", "fields", "steps", "modes"],
+                    "properties": {"name": {"enum": SAGA_TYPE_NAMES},
+                                   "summary": {"type": "string"},
+                                   "fields": {"type": "array", "items": {"type": "object"}},
+                                   "steps": {"type": "array", "items": {"type": "object"}},
+                                   "modes": {"type": "array", "items": {"enum": list(MODES)}},
+                                   "start_path": {"type": ["string", "null"]},
+                                   "choreography_path": {"type": ["string", "null"]},
+                                   "colour": {"type": "string"}}}}}},
             "Error": {"type": "object", "required": ["error"], "properties": {
                 "error": {"type": "string"}, "field": {"type": "string"}}},
             "SagaAnswer": {"type": "object", "required": ["saga", "status"], "properties": {

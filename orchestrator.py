@@ -21,7 +21,7 @@ from openapi import SPEC
 from participant.choreography import redrive_undo
 from saga.answers import (answer_from_store, answer_of, first_saga_of, poll_outcome,
                           request_hash)
-from saga.definitions import REGISTRATION, SAGA_TYPES, TRANSFER
+from saga.definitions import SAGA_TYPES
 from saga.engine import Engine
 from saga.errors import IllegalTransition, KnownStart
 from saga.model import ACTIVE, MODES, STATES, Saga, Status, StepKind
@@ -117,24 +117,27 @@ def start_saga(saga_type, body: dict):
         return respond(o.drive_and_answer(saga))
 
 
-@starting.post("/start")
-def start():
-    return start_saga(REGISTRATION, json_object())
-
-
 @starting.post("/sagas/start")
 def start_any():
-    """The registration body, or any saga type's fields with "saga_type" naming it."""
+    """Any saga type's fields with "saga_type" naming it; without it, the first
+    registered type's (the registration's, as the seed's /start body)."""
     body = json_object()
-    name = body.pop("saga_type", REGISTRATION.name)
+    name = body.pop("saga_type", next(iter(SAGA_TYPES)))
     if not isinstance(name, str) or name not in SAGA_TYPES:
         raise ApiError(f"saga_type must be one of {', '.join(SAGA_TYPES)}", "saga_type")
     return start_saga(SAGA_TYPES[name], body)
 
 
-@starting.post("/transfer")
-def transfer():
-    return start_saga(TRANSFER, json_object())
+def add_start_paths(blueprint: Blueprint) -> None:
+    """A type's own start path (the registration's /start, the transfer's /transfer)."""
+    for saga_type in SAGA_TYPES.values():
+        if saga_type.start_path:
+            blueprint.add_url_rule(
+                saga_type.start_path, f"start_{saga_type.name}",
+                (lambda t: lambda: start_saga(t, json_object()))(saga_type), methods=["POST"])
+
+
+add_start_paths(starting)
 
 
 # --- reading sagas ----------------------------------------------------------------------
@@ -183,7 +186,7 @@ def list_sagas():
     label = request.args.get("label")
     username = request.args.get("username")
     if username is not None:  # a registration is labelled by its username
-        saga_type, label = REGISTRATION.name, username
+        saga_type, label = "registration", username
     limit = query_int("limit", 50, 1, 500)
     offset = query_int("offset", 0, 0, 10_000_000)
     rows, more = orchestrator().engine.store.list_sagas(status, saga_type, label, mode,
@@ -238,6 +241,31 @@ def step_stories(saga_type, item: dict, log: list[dict]) -> list[dict]:
             entry["compensate"] = {"status": "skipped", "why": why, "attempts": 0}
         out.append(entry)
     return out
+
+
+def describe_type(saga_type) -> dict:
+    """What a client (the UI's forms, a tool) needs to start and show a saga type."""
+    def service_of(step):
+        try:
+            return step.service({})
+        except (KeyError, TypeError):
+            return None   # it depends on the input (the transfer's accounts)
+
+    return {
+        "name": saga_type.name, "summary": saga_type.summary,
+        "fields": [{"name": f.name, "required": f.required, **f.schema}
+                   for f in saga_type.fields],
+        "steps": [{"name": s.name, "service": service_of(s), "op": s.op, "kind": s.kind.value}
+                  for s in saga_type.steps],
+        "modes": ["orchestration"] + (["choreography"] if saga_type.choreography else []),
+        "start_path": saga_type.start_path,
+        "choreography_path": saga_type.choreography and saga_type.choreography.path,
+        "colour": saga_type.colour}
+
+
+@reading.get("/saga-types")
+def saga_types():
+    return jsonify({"saga_types": [describe_type(t) for t in SAGA_TYPES.values()]})
 
 
 @reading.get("/log")
@@ -427,7 +455,8 @@ def accounts():
                            "error": answer.get("error", "unavailable")})
     total = str(sum(Decimal(a["balance"]) for a in listed)) if complete else None
     in_flight = sum((Decimal(data["amount"]) for data in
-                     orchestrator().engine.store.transfers_in_flight()), Decimal("0.00"))
+                     orchestrator().engine.store.inputs_in_flight("transfer")),
+                    Decimal("0.00"))
     return jsonify({"accounts": listed, "total": total, "in_flight": str(in_flight),
                     "complete": complete})
 

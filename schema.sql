@@ -47,6 +47,33 @@ CREATE TABLE IF NOT EXISTS ACCOUNT (
 INSERT IGNORE INTO ACCOUNT (id, opening, balance) VALUES
   ('A', 1000.00, 1000.00), ('B', 500.00, 500.00), ('C', 250.00, 250.00);
 
+-- The order saga (seed 003): A's orders and B's customers. An order is PENDING until it
+-- is FULFILLED (its customer was charged) or REJECTED (the charge was refused); one
+-- order per saga. Balances are exact and, like the accounts, never negative.
+CREATE TABLE IF NOT EXISTS ORDERS (
+  id INT AUTO_INCREMENT PRIMARY KEY,
+  saga_id VARCHAR(36) COLLATE utf8mb4_bin NOT NULL,
+  customer_id INT NOT NULL,
+  product_id INT NOT NULL,
+  quantity INT NOT NULL,
+  total_price DECIMAL(14,2) NOT NULL,
+  status ENUM('PENDING', 'FULFILLED', 'REJECTED') NOT NULL,
+  created_at DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+  updated_at DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+  UNIQUE KEY orders_saga (saga_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+CREATE TABLE IF NOT EXISTS CUSTOMER (
+  id INT NOT NULL PRIMARY KEY,
+  opening DECIMAL(14,2) NOT NULL,
+  balance DECIMAL(14,2) NOT NULL,
+  updated_at DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+  CONSTRAINT customer_never_negative CHECK (balance >= 0)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+INSERT IGNORE INTO CUSTOMER (id, opening, balance) VALUES
+  (1, 500.00, 500.00), (2, 100.00, 100.00), (3, 0.00, 0.00);
+
 -- The services' idempotency and finality ledger: one key per (service, saga, operation),
 -- written first by every call, so the database orders an invoke and its compensation.
 -- 'invoked' and 'refused' make a repeated call answer as the first one did ('answer');

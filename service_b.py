@@ -1,17 +1,16 @@
-"""Service B (port 5002): owns TABLE_B (each user's address) and account B."""
+"""Service B (port 5002): its part of every registered saga type; in the demo it
+owns TABLE_B (each user's address), account B and the customers."""
 
 import common  # noqa: F401  (first: it loads the database driver, see common.py)
 
 from participant.app import create_service_app, run_service
-from participant.operations import REGISTRATION_OPERATIONS, account_operations
 
 SERVICE = "B"
-OPERATIONS = (REGISTRATION_OPERATIONS[SERVICE], *account_operations(SERVICE))
 
 
 def create_app(settings=None, faults=None):
-    return create_service_app(SERVICE, OPERATIONS, settings, faults)
+    return create_service_app(SERVICE, settings, faults)
 
 
 if __name__ == "__main__":
-    run_service(SERVICE, create_app)
+    run_service(SERVICE)

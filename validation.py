@@ -80,15 +80,21 @@ def text_field(body: dict, name: str, max_length: int = 255) -> str:
     return value
 
 
-def int_field(body: dict, name: str) -> int:
-    """A required positive 32-bit integer (a row id)."""
+MAX_INT = 2 ** 31 - 1
+
+
+def int_field(body: dict, name: str, low: int = 1, high: int = MAX_INT) -> int:
+    """A required integer from `low` to `high` (by default a positive 32-bit one: a row
+    id)."""
     value = body.get(name)
     if value is None:
         raise ApiError(f"{name} is required", name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ApiError(f"{name} must be an integer, not {json_type(value)}", name)
-    if not 0 < value < 2 ** 31:
-        raise ApiError(f"{name} must be a positive 32-bit integer", name)
+    if not low <= value <= high:
+        if (low, high) == (1, MAX_INT):
+            raise ApiError(f"{name} must be a positive 32-bit integer", name)
+        raise ApiError(f"{name} must be an integer from {low} to {high}", name)
     return value
 
 

@@ -16,12 +16,11 @@ from flask import Flask, jsonify, request
 
 from common import Database, Settings, UnsupportedServer, load_settings, purge_interval
 from faults import FaultStore, initial_fault, parse_fault
-from participant.choreography import Choreography
+from participant.choreography import Choreography, step_service
 from participant.core import Answer, Participant
 from participant.events import Outbox
-from participant.operations import read_accounts
 from saga.answers import first_saga_of, request_hash
-from saga.definitions import REGISTRATION
+from saga.definitions import SAGA_TYPES
 from saga.errors import KnownStart
 from serving import WaitingRoom, database_error, new_app, respond, serve, token_ok
 from validation import (MAX_BODY_BYTES, ApiError, idempotency_key, json_object,
@@ -36,20 +35,28 @@ SERVICE_THREADS = 64
 RESERVED_THREADS = 8
 
 
-def create_service_app(service: str, operations, settings: Settings | None = None,
-                       faults: FaultStore | None = None) -> Flask:
+def service_operations(service: str, saga_types) -> list:
+    """This service's operations for every registered saga type, in registration order
+    (the first is what an /invoke naming no operation runs: the seed's contract)."""
+    return [op for t in saga_types for op in t.operations if service in op.services]
+
+
+def create_service_app(service: str, settings: Settings | None = None,
+                       faults: FaultStore | None = None, saga_types=None) -> Flask:
     settings = settings or load_settings()
+    saga_types = list(saga_types or SAGA_TYPES.values())
     app = new_app(f"service_{service.lower()}")
     # Calls hold a connection for one transaction; those beyond 16 at once wait briefly.
     # (With the orchestrator's 68, one of each process stays under MariaDB's default of
     # 151 connections.)
     db = Database(settings, pool_size=16 + settings.consumers + 4)
     faults = faults or FaultStore(initial_fault(settings.faults, service))
-    participant = Participant(service, operations, db, faults, settings)
+    participant = Participant(service, service_operations(service, saga_types), db, faults,
+                              settings)
     app.extensions["participant"] = participant
     choreography = None
     if settings.rabbitmq_url != "off":
-        choreography = Choreography(service, participant, settings)
+        choreography = Choreography(service, participant, settings, saga_types)
         app.extensions["choreography"] = choreography
     waiting = WaitingRoom(SERVICE_THREADS, RESERVED_THREADS)
 
@@ -67,22 +74,19 @@ def create_service_app(service: str, operations, settings: Settings | None = Non
                         **{name: report() for name, report in participant.status.items()}}), \
             200 if up else 503
 
-    @app.post("/register")
-    def register():
-        """Start a choreographed registration here (the service of its first step) and
-        wait for its outcome like /start; the orchestrator is not involved."""
-        if choreography is None or not choreography.starts_sagas:
-            raise ApiError(f"service {service} does not start choreographed registrations"
-                           if choreography else "choreography is off (RABBITMQ_URL=off)",
-                           status=404 if choreography else 503)
+    def start_choreographed(saga_type):
+        """Start a choreographed saga here (the service of its first step) and wait for
+        its outcome like /start; the orchestrator is not involved."""
+        if choreography is None:
+            raise ApiError("choreography is off (RABBITMQ_URL=off)", status=503)
         body = json_object()
-        reject_unknown_fields(body, {f.name for f in REGISTRATION.fields})
-        data = REGISTRATION.read_input(body)
+        reject_unknown_fields(body, {f.name for f in saga_type.fields})
+        data = saga_type.read_input(body)
         key = idempotency_key()
         with waiting.seat():
             try:
-                saga, first = choreography.start(data, key,
-                                                 request_hash(REGISTRATION.name, data))
+                saga, first = choreography.start(saga_type, data, key,
+                                                 request_hash(saga_type.name, data))
             except KnownStart as known:
                 saga = first_saga_of(known, choreography.store)
                 return respond(choreography.wait(saga, settings.start_wait), repeated=True)
@@ -95,16 +99,16 @@ def create_service_app(service: str, operations, settings: Settings | None = Non
                 return reply(first)  # the injected fault strikes after the commit
             return respond(choreography.wait(saga, settings.start_wait))
 
-    @app.get("/accounts")
-    def accounts():
-        with db.transaction() as cur:
-            return jsonify({"accounts": read_accounts(cur, service)})
-
-    @app.get("/balance")
-    def balance():
-        with db.transaction() as cur:
-            account, = read_accounts(cur, service)
-        return jsonify({"account": account["id"], "balance": account["balance"]})
+    for saga_type in saga_types:
+        chore = saga_type.choreography
+        if chore and step_service(saga_type, 0) == service:
+            view = (lambda t: lambda: start_choreographed(t))(saga_type)
+            for path in {chore.path, chore.path.rstrip("/") + "/"}:
+                app.add_url_rule(path, f"start_{saga_type.name}{path}", view,
+                                 methods=["POST"], strict_slashes=True)
+        routes = saga_type.routes and saga_type.routes(service, db)
+        if routes is not None:
+            app.register_blueprint(routes)
 
     @app.get("/faults")
     def get_faults():
@@ -221,11 +225,11 @@ def reply(answer: Answer):
     return jsonify(answer.body), answer.status
 
 
-def run_service(service: str, create_app) -> None:
+def run_service(service: str) -> None:
     """`python service_x.py`: serve the service at its configured port."""
     settings = load_settings()
     # Made before the server forks, so a replaced worker keeps the same fault state.
     faults = FaultStore(initial_fault(settings.faults, service))
-    serve(lambda: create_app(settings, faults), settings.ports[service], settings,
-          f"service_{service.lower()}", preload=True, threads=SERVICE_THREADS,
+    serve(lambda: create_service_app(service, settings, faults), settings.ports[service],
+          settings, f"service_{service.lower()}", preload=True, threads=SERVICE_THREADS,
           on_worker_start=start_background)

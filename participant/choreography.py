@@ -1,19 +1,24 @@
-"""The choreographed registration: the same saga definition, run by the services
-reacting to each other's events, with no orchestrator in the path.
+"""Choreographed sagas: the same saga definitions, run by the services reacting to each
+other's events, with no orchestrator in the path. Any saga type that declares
+`choreography` (its start path at the first step's service) runs this way; each
+step's service must not depend on the input, since queues are bound in advance.
 
-Events are named <saga type>.<operation>.<done|failed|undone>. For the registration:
-A's POST /register stores the user and publishes registration.user.done; B reacts with
-the address and registration.address.done; C with the payment and
-registration.payment.done; A, hearing that, marks the saga COMPLETED. A refusal at C,
-or a handler that still fails after SAGA_MAX_ATTEMPTS deliveries, publishes
-registration.payment.failed: B undoes the address and publishes
-registration.address.undone, and A undoes the user and marks the saga COMPENSATED.
+Events are named <saga type>.<operation>.<done|failed|undone>, unless the type renames
+them (the order uses the seed's order.created, order.fulfilled, order.rejected). For
+the registration: A's POST /register stores the user and publishes
+registration.user.done; B reacts with the address and registration.address.done; C
+with the payment and registration.payment.done; A, hearing that, marks the saga
+COMPLETED. A refusal at C, or a handler that still fails after SAGA_MAX_ATTEMPTS
+deliveries, publishes registration.payment.failed: B undoes the address and publishes
+registration.address.undone, and A undoes the user and marks the saga COMPENSATED. A
+pivot (a retriable step) is redelivered until it succeeds; only its refusal fails it.
 
 Each reaction commits its business change, its SAGA_LOG row and its next event in one
 transaction (the event goes to OUTBOX, see participant/events.py); the participant's
 ledger makes every reaction idempotent and every undo final, as in orchestration. The
-SAGA row of a choreographed saga is kept by the services that learn its news: A
-creates and finishes it, the service that gives up marks it COMPENSATING."""
+SAGA row of a choreographed saga is kept by the services that learn its news: the
+first step's service creates and finishes it, the service that gives up marks it
+COMPENSATING."""
 
 import logging
 import threading
@@ -28,9 +33,9 @@ from common import Settings, backoff_delay
 from participant.core import Participant
 from participant.events import Consumer, DeadLetters, Outbox, Relay, Unreadable
 from saga.answers import answer_from_store
-from saga.definitions import REGISTRATION, SAGA_TYPES
+from saga.definitions import SAGA_TYPES
 from saga.errors import KnownStart
-from saga.model import ACTIVE, SagaType, Status
+from saga.model import ACTIVE, SagaType, Status, StepKind
 from saga.store import LogEntry, SagaStore, insert_log, saga_event
 from validation import ApiError
 
@@ -40,7 +45,9 @@ DONE, FAILED, UNDONE = "done", "failed", "undone"
 
 
 def event_name(saga_type: SagaType, step: int, outcome: str) -> str:
-    return f"{saga_type.name}.{saga_type.steps[step].op}.{outcome}"
+    """<type>.<op>.<outcome>, or the name the type's protocol gives that event."""
+    name = f"{saga_type.name}.{saga_type.steps[step].op}.{outcome}"
+    return saga_type.choreography.events.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ class Reaction:
 
 def step_service(saga_type: SagaType, step: int) -> str:
     # A choreography's routes are fixed when the queues are bound, so each step's
-    # service must not depend on the input (true of the registration).
+    # service must not depend on the input (true of the registration and the order).
     return saga_type.steps[step].service({})
 
 
@@ -64,7 +71,7 @@ def reactions(saga_type: SagaType, service: str) -> dict[str, Reaction]:
             continue
         if k > 0:
             out[event_name(saga_type, k - 1, DONE)] = Reaction("invoke", k)
-        if k < last:
+        if k < last and saga_type.steps[k].kind != StepKind.RETRIABLE:
             out[event_name(saga_type, k + 1, FAILED)] = Reaction("compensate", k)
             out[event_name(saga_type, k + 1, UNDONE)] = Reaction("compensate", k)
     if step_service(saga_type, 0) == service:
@@ -72,9 +79,14 @@ def reactions(saga_type: SagaType, service: str) -> dict[str, Reaction]:
     return out
 
 
-def bindings(saga_type: SagaType) -> dict[str, list[str]]:
-    services = {step_service(saga_type, k) for k in range(len(saga_type.steps))}
-    return {s: sorted(reactions(saga_type, s)) for s in sorted(services)}
+def bindings(saga_types) -> dict[str, list[str]]:
+    """Each service's routing keys: the events it reacts to, of every type."""
+    out: dict[str, set] = {}
+    for saga_type in saga_types:
+        for k in range(len(saga_type.steps)):
+            service = step_service(saga_type, k)
+            out.setdefault(service, set()).update(reactions(saga_type, service))
+    return {service: sorted(keys) for service, keys in sorted(out.items())}
 
 
 def check_event(payload) -> None:
@@ -93,31 +105,30 @@ def result_of(answer: dict) -> dict:
 
 
 class Choreography:
-    """One service's part in the choreographed saga: starting it (the first step's
-    service), and reacting to the events it is bound to."""
+    """One service's part in the choreographed sagas of every type that has one:
+    starting them (as the first step's service), and reacting to the events it is
+    bound to."""
 
     def __init__(self, service: str, participant: Participant, settings: Settings,
-                 saga_type: SagaType = REGISTRATION):
+                 saga_types):
         self.service, self.participant, self.settings = service, participant, settings
-        self.saga_type = saga_type
+        self.types = {t.name: t for t in saga_types if t.choreography}
         self.db = participant.db
         self.store = SagaStore(self.db, f"service-{service}", settings.lease_seconds,
                                settings.compensate_for)
-        self.reactions = reactions(saga_type, service)
+        self.reactions = {event: (t, reaction) for t in self.types.values()
+                          for event, reaction in reactions(t, service).items()}
+        self.bindings = bindings(self.types.values())
         self.settled: dict[str, threading.Event] = {}   # sagas a request here waits for
         self.stopping = threading.Event()
-        self.relay = Relay(service, self.db, settings, bindings(saga_type), self.stopping)
+        self.relay = Relay(service, self.db, settings, self.bindings, self.stopping)
         self.dead = DeadLetters()
         participant.status["rabbitmq"] = lambda: {"dead_lettered": self.dead.count}
-
-    @property
-    def starts_sagas(self) -> bool:
-        return step_service(self.saga_type, 0) == self.service
 
     def start_threads(self) -> None:
         self.relay.start()
         for n in range(self.settings.consumers):
-            Consumer(self.service, self.settings, bindings(self.saga_type), self.handle,
+            Consumer(self.service, self.settings, self.bindings, self.handle,
                      self.stopping, n, self.dead).start()
 
     def published(self, cur=None) -> None:
@@ -126,10 +137,11 @@ class Choreography:
 
     # -- starting a saga ---------------------------------------------------------------
 
-    def start(self, data: dict, key: str | None, request_hash: str | None) -> tuple:
+    def start(self, saga_type: SagaType, data: dict, key: str | None,
+              request_hash: str | None) -> tuple:
         """Run the first step and publish its event, all in one transaction with the
         SAGA row. Returns (saga, Answer of the step)."""
-        saga_type, step = self.saga_type, self.saga_type.steps[0]
+        step = saga_type.steps[0]
         if key is not None:
             known = self.store.find_start_key(key)
             if known is not None:
@@ -145,11 +157,12 @@ class Choreography:
 
         def on_commit(cur, answer):
             begin(cur)
-            self.emit_done(cur, payload, 0, answer, None, 1)
+            self.emit_done(saga_type, cur, payload, 0, answer, None, 1)
 
         def on_refusal(cur, answer):
             begin(cur)
-            self.log_call(cur, saga_id, 0, "invoke", "rejected", answer["error"], None, 1)
+            self.log_call(saga_type, cur, saga_id, 0, "invoke", "rejected", answer["error"],
+                          None, 1)
             reason = f"{step.name} rejected: {answer['error']}"
             self.store.settle_choreographed(cur, saga_id, Status.COMPENSATED, 0, step.name,
                                             reason, rejected=True)
@@ -211,24 +224,25 @@ class Choreography:
             return self.react(event, payload, attempt)
 
     def react(self, event: str, payload: dict, attempt: int) -> str:
-        reaction = self.reactions.get(event)
-        if reaction is None or payload["type"] != self.saga_type.name:
+        saga_type, reaction = self.reactions.get(event, (None, None))
+        if reaction is None or payload["type"] != saga_type.name:
             raise Unreadable(f"service {self.service} has no reaction to a "
                              f"{payload['type']} event {event}")
         if reaction.kind == "invoke":
-            return self.run_step(event, payload, reaction.step, attempt)
+            return self.run_step(saga_type, event, payload, reaction.step, attempt)
         if reaction.kind == "compensate":
-            return self.undo_step(event, payload, reaction.step, attempt)
-        return self.finish(event, payload)
+            return self.undo_step(saga_type, event, payload, reaction.step, attempt)
+        return self.finish(saga_type, event, payload)
 
-    def run_step(self, event: str, payload: dict, k: int, attempt: int) -> str:
-        saga_id, step = payload["saga_id"], self.saga_type.steps[k]
+    def run_step(self, saga_type: SagaType, event: str, payload: dict, k: int,
+                 attempt: int) -> str:
+        saga_id, step = payload["saga_id"], saga_type.steps[k]
 
         def on_commit(cur, answer):
-            self.emit_done(cur, payload, k, answer, event, attempt)
+            self.emit_done(saga_type, cur, payload, k, answer, event, attempt)
 
         def on_refusal(cur, answer):
-            self.emit_failed(cur, payload, k, answer["error"], True, event, attempt)
+            self.emit_failed(saga_type, cur, payload, k, answer["error"], True, event, attempt)
 
         try:
             fields = {"saga_id": saga_id, "op": step.op,
@@ -238,40 +252,44 @@ class Choreography:
             # The event cannot be turned into a valid call: that will not change on a
             # retry. Give up at once, as for a refusal.
             message = exc.message if isinstance(exc, ApiError) else f"missing {exc}"
-            return self.give_up(event, payload, k, f"bad event: {message}", True, attempt)
+            return self.give_up(saga_type, event, payload, k, f"bad event: {message}", True,
+                                attempt)
         if answer.status == 200 or answer.status in (409, 422):
             # Done now, done before (a repeat), refused (its event is out) or given up.
             if answer.status == 200:
                 self.published()
             return answer.after if answer.after != "off" else "done"
         message = answer.body.get("error", f"HTTP {answer.status}")
-        if attempt < self.settings.max_attempts:
-            self.note_failure(saga_id, k, "invoke", message, event, attempt)
+        # A pivot that may have committed is only ever retried, never given up.
+        if attempt < (step.attempts or self.settings.max_attempts) \
+                or step.kind == StepKind.RETRIABLE:
+            self.note_failure(saga_type, saga_id, k, "invoke", message, event, attempt)
             return "retry"
-        return self.give_up(event, payload, k, f"failed {attempt} times: {message}", False,
-                            attempt)
+        return self.give_up(saga_type, event, payload, k, f"failed {attempt} times: {message}",
+                            False, attempt)
 
-    def give_up(self, event: str, payload: dict, k: int, reason: str, rejected: bool,
-                attempt: int) -> str:
+    def give_up(self, saga_type: SagaType, event: str, payload: dict, k: int, reason: str,
+                rejected: bool, attempt: int) -> str:
         """Out of attempts: make sure the step never runs, and send the undo back."""
         def on_commit(cur):
-            self.emit_failed(cur, payload, k, reason, rejected, event, attempt)
+            self.emit_failed(saga_type, cur, payload, k, reason, rejected, event, attempt)
 
-        if self.participant.give_up(payload["saga_id"], self.saga_type.steps[k].op, on_commit):
+        if self.participant.give_up(payload["saga_id"], saga_type.steps[k].op, on_commit):
             self.published()
         return "done"
 
-    def undo_step(self, event: str, payload: dict, k: int, attempt: int) -> str:
-        saga_id, step = payload["saga_id"], self.saga_type.steps[k]
+    def undo_step(self, saga_type: SagaType, event: str, payload: dict, k: int,
+                  attempt: int) -> str:
+        saga_id, step = payload["saga_id"], saga_type.steps[k]
 
         def on_commit(cur, answer):
-            self.log_call(cur, saga_id, k, "compensate", "success",
+            self.log_call(saga_type, cur, saga_id, k, "compensate", "success",
                           f"compensated ({answer.get('undone')})", event, attempt)
             if k == 0:
                 self.store.settle_choreographed(cur, saga_id, Status.COMPENSATED, 0)
                 insert_log(cur, [saga_event(saga_id, Status.COMPENSATED, "every step undone")])
             else:
-                Outbox.add(cur, self.service, saga_id, event_name(self.saga_type, k, UNDONE),
+                Outbox.add(cur, self.service, saga_id, event_name(saga_type, k, UNDONE),
                            payload)
 
         answer = self.participant.compensate({"saga_id": saga_id, "op": step.op}, on_commit)
@@ -284,20 +302,21 @@ class Choreography:
         # the compensation began; then the saga is parked FAILED for an operator, whose
         # /retry sends this undo's event again (redrive_undo).
         message = answer.body.get("error", f"HTTP {answer.status}")
-        if self.park_failed(saga_id, k, message, event, attempt):
+        if self.park_failed(saga_type, saga_id, k, message, event, attempt):
             return "done"
-        self.note_failure(saga_id, k, "compensate", message, event, attempt)
+        self.note_failure(saga_type, saga_id, k, "compensate", message, event, attempt)
         return "retry"
 
-    def park_failed(self, saga_id: str, k: int, message: str, heard: str,
+    def park_failed(self, saga_type: SagaType, saga_id: str, k: int, message: str, heard: str,
                     attempt: int) -> bool:
-        step = self.saga_type.steps[k]
+        step = saga_type.steps[k]
         reason = f"compensation of {step.name} kept failing: {message}"
 
         def park(cur):
             if not self.store.fail_overdue_choreographed(cur, saga_id, k, reason):
                 return False
-            self.log_call(cur, saga_id, k, "compensate", "failed", message, heard, attempt)
+            self.log_call(saga_type, cur, saga_id, k, "compensate", "failed", message, heard,
+                          attempt)
             insert_log(cur, [saga_event(saga_id, Status.FAILED, f"{reason}; needs an operator")])
             return True
 
@@ -306,12 +325,12 @@ class Choreography:
             self.heard_end_of(saga_id)
         return parked
 
-    def finish(self, event: str, payload: dict) -> str:
+    def finish(self, saga_type: SagaType, event: str, payload: dict) -> str:
         saga_id = payload["saga_id"]
 
         def complete(cur):
             if self.store.settle_choreographed(cur, saga_id, Status.COMPLETED,
-                                               len(self.saga_type.steps) - 1):
+                                               len(saga_type.steps) - 1):
                 self.store.save_results(cur, saga_id, payload["results"])
                 insert_log(cur, [saga_event(saga_id, Status.COMPLETED,
                                             f"all steps committed (heard {event})")])
@@ -322,39 +341,39 @@ class Choreography:
 
     # -- what each reaction writes -----------------------------------------------------
 
-    def emit_done(self, cur, payload: dict, k: int, answer: dict, heard: str,
+    def emit_done(self, saga_type: SagaType, cur, payload: dict, k: int, answer: dict, heard: str,
                   attempt: int) -> None:
-        saga_id, step = payload["saga_id"], self.saga_type.steps[k]
+        saga_id, step = payload["saga_id"], saga_type.steps[k]
         results = {**payload["results"], step.name: result_of(answer)}
         ids = ", ".join(f"{n}={v}" for n, v in result_of(answer).items())
-        self.log_call(cur, saga_id, k, "invoke", "success", f"committed ({ids})", heard,
+        self.log_call(saga_type, cur, saga_id, k, "invoke", "success", f"committed ({ids})", heard,
                       attempt)
-        self.store.note_step(cur, saga_id, min(k + 1, len(self.saga_type.steps) - 1))
-        Outbox.add(cur, self.service, saga_id, event_name(self.saga_type, k, DONE),
+        self.store.note_step(cur, saga_id, min(k + 1, len(saga_type.steps) - 1))
+        Outbox.add(cur, self.service, saga_id, event_name(saga_type, k, DONE),
                    {**payload, "results": results})
 
-    def emit_failed(self, cur, payload: dict, k: int, reason: str, rejected: bool,
-                    heard: str, attempt: int) -> None:
-        saga_id, step = payload["saga_id"], self.saga_type.steps[k]
-        self.log_call(cur, saga_id, k, "invoke", "rejected" if rejected else "failed",
+    def emit_failed(self, saga_type: SagaType, cur, payload: dict, k: int, reason: str,
+                    rejected: bool, heard: str, attempt: int) -> None:
+        saga_id, step = payload["saga_id"], saga_type.steps[k]
+        self.log_call(saga_type, cur, saga_id, k, "invoke", "rejected" if rejected else "failed",
                       reason, heard, attempt)
         why = f"{step.name} {'rejected' if rejected else 'failed'}: {reason}"
         if self.store.settle_choreographed(cur, saga_id, Status.COMPENSATING, k, step.name,
                                            why, rejected):
             insert_log(cur, [saga_event(saga_id, Status.COMPENSATING, f"undoing: {why}")])
-        Outbox.add(cur, self.service, saga_id, event_name(self.saga_type, k, FAILED),
+        Outbox.add(cur, self.service, saga_id, event_name(saga_type, k, FAILED),
                    {**payload, "failure": {"step": step.name, "reason": why,
                                            "rejected": rejected}})
 
-    def log_call(self, cur, saga_id: str, k: int, action: str, status: str, message: str,
-                 heard: str | None, attempt: int) -> None:
+    def log_call(self, saga_type: SagaType, cur, saga_id: str, k: int, action: str,
+                 status: str, message: str, heard: str | None, attempt: int) -> None:
         insert_log(cur, [LogEntry(saga_id, self.service, status, message, k + 1,
-                                  self.saga_type.steps[k].op, action, heard, attempt)])
+                                  saga_type.steps[k].op, action, heard, attempt)])
 
-    def note_failure(self, saga_id: str, k: int, action: str, message: str, heard: str,
-                     attempt: int) -> None:
+    def note_failure(self, saga_type: SagaType, saga_id: str, k: int, action: str,
+                     message: str, heard: str, attempt: int) -> None:
         """A failed attempt, logged on its own (nothing else was written)."""
-        self.db.run(lambda cur: self.log_call(
+        self.db.run(lambda cur: self.log_call(saga_type, 
             cur, saga_id, k, action, "failed", f"{message}; delivered again later", heard,
             attempt))
 

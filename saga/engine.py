@@ -209,7 +209,7 @@ class Engine:
         if saga.status == Status.RUNNING:
             if step.kind == StepKind.RETRIABLE and not outcome.refused:
                 return self._retry_later(saga, entries)
-            if outcome.retryable and saga.attempt < self.settings.max_attempts:
+            if outcome.retryable and saga.attempt < (step.attempts or self.settings.max_attempts):
                 return self._retry_later(saga, entries)
             return self._begin_compensation(saga, outcome, entries)
         deadline = saga.compensate_deadline

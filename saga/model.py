@@ -51,7 +51,8 @@ class Field:
     validation.ApiError naming the field."""
     name: str
     read: Callable[[dict], Any]
-    schema: dict                       # its JSON schema, for the OpenAPI document
+    schema: dict                       # its JSON schema (OpenAPI, /saga-types, the UI)
+    required: bool = True              # False: the schema says its default
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,23 @@ class Step:
     service: Callable[[dict], str]     # the service that runs it, from the saga's input
     build: Callable[[dict, dict], dict]  # the call's fields from the input and results
     kind: StepKind = StepKind.COMPENSATABLE
+    attempts: int | None = None        # forward attempts before undoing (SAGA_MAX_ATTEMPTS)
+
+
+@dataclass(frozen=True)
+class Choreographed:
+    """How a saga type runs without an orchestrator: started by POST `path` at its first
+    step's service, the services react to each other's events. `events` renames the
+    generic <type>.<op>.<done|failed|undone> events a protocol already names."""
+    path: str
+    events: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class SagaType:
+    """Everything about one kind of saga, declared in its own module (sagas/): its input,
+    its steps, each participant's operations for it, its tables and its invariant. The
+    engine, the services, the API, the UI and the tools derive from it."""
     name: str
     summary: str
     fields: tuple[Field, ...]
@@ -74,12 +88,43 @@ class SagaType:
     # Whether a compensation that keeps failing ends in FAILED after SAGA_COMPENSATE_FOR
     # (False: it is retried until it succeeds, e.g. a refund that must not be dropped).
     compensation_gives_up: bool = True
+    # participant.operations.Operation for each step's op, each naming its services.
+    operations: tuple = ()
+    tables: tuple[str, ...] = ()       # its business tables, children first
+    reset: tuple[str, ...] = ()        # SQL that puts its tables back to their opening
+    # invariant(cursor) -> what is wrong with its data when no saga is active (empty: all
+    # or nothing, money conserved, whatever the type promises).
+    invariant: Callable[[Any], list[str]] = lambda cur: []
+    start_path: str | None = None      # the orchestrator's own path for it ("/transfer")
+    choreography: Choreographed | None = None
+    # service -> a Flask blueprint with the service's reads for this type (GET /accounts)
+    routes: Callable[[str, Any], Any] | None = None
+    colour: str = "#6b7280"            # how the UI tells it apart
 
     def __post_init__(self):
         kinds = [s.kind for s in self.steps]
         if StepKind.RETRIABLE in kinds and StepKind.COMPENSATABLE in \
                 kinds[kinds.index(StepKind.RETRIABLE):]:
             raise ValueError(f"{self.name}: compensatable steps must come before retriable ones")
+        if self.operations:
+            self.check_calls()
+
+    def check_calls(self) -> None:
+        """Each step's call must fit the operation it names, or the process does not
+        start: at run time a call that does not fit is a 4xx that says nothing of what
+        was written, so it would only ever be retried and then undone."""
+        for step in self.steps:
+            ops = [o for o in self.operations if o.name == step.op]
+            if not ops:
+                raise ValueError(f"{self.name}: step {step.name} calls {step.op!r}, which "
+                                 "is none of the type's operations")
+            try:
+                sent = set(step.build(_Probe(), _Probe()))
+            except Exception:   # a build that computes on its values cannot be probed
+                continue
+            if sent != set(ops[0].fields):
+                raise ValueError(f"{self.name}: step {step.name} sends {sorted(sent)}, but "
+                                 f"operation {step.op} takes {sorted(ops[0].fields)}")
 
     def read_input(self, body: dict) -> dict:
         data = {f.name: f.read(body) for f in self.fields}
@@ -88,6 +133,20 @@ class SagaType:
 
     def service_of(self, step: int, data: dict) -> str:
         return self.steps[step].service(data)
+
+    def operation(self, op: str):
+        return next(o for o in self.operations if o.name == op)
+
+
+class _Probe(dict):
+    """Stands in for a saga's input and results when a step's build is checked: any key
+    reads as another probe."""
+
+    def __getitem__(self, key):
+        return _Probe()
+
+    def get(self, key, default=None):
+        return _Probe()
 
 
 @dataclass

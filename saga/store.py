@@ -437,12 +437,14 @@ class SagaStore:
             cur.execute(f"SELECT {ITEM_COLUMNS} FROM SAGA WHERE id = %s", (saga_id,))
             return cur.fetchone()
 
-    def transfers_in_flight(self) -> list[dict]:
-        """The input of each transfer whose debit may have landed while its credit or
-        its refund has not (RUNNING at the credit, or COMPENSATING)."""
+    def inputs_in_flight(self, saga_type: str) -> list[dict]:
+        """The input of each saga of the type whose first step may have landed while
+        the rest or its undo has not (RUNNING past it, or COMPENSATING): for a transfer,
+        the money between its debit and its credit or refund."""
         with self.db.transaction() as cur:
-            cur.execute("SELECT input FROM SAGA WHERE type = 'transfer' AND "
-                        "((status = 'RUNNING' AND step >= 1) OR status = 'COMPENSATING')")
+            cur.execute("SELECT input FROM SAGA WHERE type = %s AND "
+                        "((status = 'RUNNING' AND step >= 1) OR status = 'COMPENSATING')",
+                        (saga_type,))
             return [json.loads(row["input"]) for row in cur.fetchall()]
 
     def tail_log(self, after: int | None, gaps: dict | None = None, limit: int = 100):

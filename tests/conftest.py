@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from common import SERVICES, Settings  # noqa: E402
 from kafka_io import COMMAND_PARTITIONS  # noqa: E402
+from saga.definitions import SAGA_TYPES  # noqa: E402
 from participant.events import dead_letter_queue, retry_delays, retry_queue, service_queue  # noqa: E402
 from brokers import PrivateKafka, PrivateRabbitMQ  # noqa: E402
 from launcher import PrivateMariaDB, System, wait_for  # noqa: E402
@@ -41,8 +42,8 @@ TEST_ENV = {
     "SAGA_CONSUMERS": "2",
 }
 BUSINESS_TABLES = ("TABLE_A", "TABLE_B", "TABLE_C")
-TABLES = ("TABLE_C", "TABLE_B", "TABLE_A", "STEP_LEDGER", "SAGA_LOG", "SAGA", "START_KEY",
-          "OUTBOX")
+# The engine's tables; each saga type's own are emptied or reset as the type says.
+ENGINE_TABLES = ("STEP_LEDGER", "SAGA_LOG", "SAGA", "START_KEY", "OUTBOX")
 SEED_INPUT = {"username": "john_doe", "address": "123 Main St", "payment": "Visa"}
 DST_ZONE = "America/New_York"
 
@@ -261,6 +262,16 @@ class LiveSystem:
                                  f"ON s.id = t.saga_id WHERE s.id IS NULL")[0][0]
             assert orphans == 0, f"{table} has {orphans} rows with no saga"
 
+    def assert_invariants(self):
+        """Every registered saga type's own invariant, at quiet."""
+        conn = self.connect()
+        try:
+            cur = conn.cursor(dictionary=True)
+            wrong = {t.name: t.invariant(cur) for t in SAGA_TYPES.values()}
+        finally:
+            conn.close()
+        assert not any(wrong.values()), wrong
+
     def assert_money_conserved(self):
         """The bank invariant: each balance = opening + completed transfers in - out."""
         expected = {k: v for k, v in self.query("SELECT id, opening FROM ACCOUNT")}
@@ -314,9 +325,12 @@ class LiveSystem:
         try:
             cur = conn.cursor()
             cur.execute("SET FOREIGN_KEY_CHECKS = 0")
-            for table in TABLES:
+            for saga_type in SAGA_TYPES.values():
+                for statement in saga_type.reset or [f"TRUNCATE TABLE {t}"
+                                                     for t in saga_type.tables]:
+                    cur.execute(statement)
+            for table in ENGINE_TABLES:
                 cur.execute(f"TRUNCATE TABLE {table}")
-            cur.execute("UPDATE ACCOUNT SET balance = opening")
         finally:
             conn.close()
 

@@ -16,7 +16,7 @@ from brokers import list_descendants
 from launcher import wait_for
 from participant.choreography import bindings
 from participant.events import dead_letter_queue, service_queue
-from saga.definitions import REGISTRATION
+from saga.definitions import SAGA_TYPES
 
 FORWARD = [("A", "invoke", None, "success"),
            ("A", "publish", "registration.user.done", "published"),
@@ -196,7 +196,7 @@ def test_malformed_messages_are_parked_and_every_consumer_keeps_consuming(live_s
         for service in SERVICES:
             for body, headers in MALFORMED:
                 # Under the routing key of an event the service does react to.
-                event = bindings(REGISTRATION)[service][0]
+                event = bindings([SAGA_TYPES["registration"]])[service][0]
                 channel.basic_publish("", service_queue(settings, service), body,
                                       pika.BasicProperties(headers={"x-saga-event": event,
                                                                     **headers}))
