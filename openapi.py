@@ -94,6 +94,15 @@ SPEC = {
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "oneOf": [ref(input_name(FIRST_TYPE)),
                           *(typed_input_schema(t) for t in SAGA_TYPES.values())]}}}}}},
+        "/saga-types/{name}/views/{view}": {"get": {
+            "summary": "A saga type's read at the service that holds it (the order's orders "
+                       "and customers), passed on",
+            "parameters": [{"name": "name", "in": "path", "required": True,
+                            "schema": {"type": "string"}},
+                           {"name": "view", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": json_body({"type": "object"}, "the service's answer"),
+                          "404": ERROR, "502": ERROR}}},
         "/saga-types": {"get": {
             "summary": "The registered saga types: fields (with their JSON schema), steps, "
                        "modes",
@@ -197,7 +206,9 @@ SPEC = {
                                    "modes": {"type": "array", "items": {"enum": list(MODES)}},
                                    "start_path": {"type": ["string", "null"]},
                                    "choreography_path": {"type": ["string", "null"]},
-                                   "colour": {"type": "string"}}}}}},
+                                   "colour": {"type": "string"},
+                                   "example": {"type": "object"},
+                                   "views": {"type": "object"}}}}}},
             "Error": {"type": "object", "required": ["error"], "properties": {
                 "error": {"type": "string"}, "field": {"type": "string"}}},
             "SagaAnswer": {"type": "object", "required": ["saga", "status"], "properties": {

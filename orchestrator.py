@@ -260,7 +260,9 @@ def describe_type(saga_type) -> dict:
         "modes": ["orchestration"] + (["choreography"] if saga_type.choreography else []),
         "start_path": saga_type.start_path,
         "choreography_path": saga_type.choreography and saga_type.choreography.path,
-        "colour": saga_type.colour}
+        "colour": saga_type.colour, "example": saga_type.example,
+        "views": {name: f"/saga-types/{saga_type.name}/views/{name}"
+                  for name in saga_type.views}}
 
 
 @reading.get("/saga-types")
@@ -435,6 +437,19 @@ def put_faults(service):
     fault = parse_fault(json_object())
     answer = service_call(service, "PUT", "/faults", fault)
     return jsonify(answer), 502 if "error" in answer else 200
+
+
+@services.get("/saga-types/<name>/views/<view>")
+def type_view(name, view):
+    """A saga type's read at the service that holds it (the order's customers at B),
+    passed on so a page that talks only to the orchestrator can show it."""
+    saga_type = SAGA_TYPES.get(name)
+    if saga_type is None or view not in saga_type.views:
+        raise ApiError(f"no view {view!r} of saga type {name!r}", "view", status=404)
+    service, path = saga_type.views[view]
+    quick = urllib3.Timeout(connect=orchestrator().settings.connect_timeout, read=2)
+    answer = service_call(service, "GET", path, timeout=quick)
+    return jsonify(answer), 502 if answer.get("status") == "down" else 200
 
 
 @services.get("/accounts")

@@ -100,6 +100,10 @@ class SagaType:
     # service -> a Flask blueprint with the service's reads for this type (GET /accounts)
     routes: Callable[[str, Any], Any] | None = None
     colour: str = "#6b7280"            # how the UI tells it apart
+    example: dict = field(default_factory=dict)   # an input that works (UI, docs)
+    # name -> (service, path): a service's read that the orchestrator passes on at
+    # GET /saga-types/<type>/views/<name> (the order's orders and customers)
+    views: dict = field(default_factory=dict)
 
     def __post_init__(self):
         kinds = [s.kind for s in self.steps]

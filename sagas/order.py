@@ -176,5 +176,8 @@ ORDER = SagaType(
         "order.charge.done": "order.fulfilled",
         "order.charge.failed": "order.rejected"}),
     routes=service_routes,
+    views={"orders": ("A", "/orders"), "customers": ("B", "/customers")},
     colour="#d97706",
+    example={"customer_id": 1, "product_id": 1, "status": "pending", "quantity": 1,
+             "total_price": "50.00"},
 )

@@ -55,4 +55,5 @@ REGISTRATION = SagaType(
     start_path="/start",
     choreography=Choreographed("/register"),
     colour="#2563eb",
+    example={"username": "john_doe", "address": "123 Main St", "payment": "Visa"},
 )

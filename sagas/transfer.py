@@ -137,4 +137,5 @@ TRANSFER = SagaType(
     start_path="/transfer",
     routes=service_routes,
     colour="#059669",
+    example={"from": "A", "to": "B", "amount": "100.00"},
 )

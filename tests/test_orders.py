@@ -142,3 +142,15 @@ def test_saga_types_lists_the_order_with_its_fields_steps_and_modes(live_system)
         ("fulfil", "A", "retriable")]
     assert order["modes"] == ["orchestration", "choreography"]
     assert types["transfer"]["steps"][0]["service"] is None   # the input names it
+
+
+def test_the_orchestrator_passes_on_the_orders_and_the_customers(live_system):
+    place(live_system)
+    customers_view = live_system.get("/saga-types/order/views/customers")
+    assert customers_view.status_code == 200
+    assert customers_view.json()["customers"][0] == {"id": 1, "balance": "450.00"}
+    assert [o["status"] for o in live_system.get("/saga-types/order/views/orders").json()[
+        "orders"]] == ["FULFILLED"]
+    for path in ("/saga-types/order/views/nope", "/saga-types/nope/views/orders"):
+        resp = live_system.get(path)
+        assert resp.status_code == 404 and resp.json()["field"] == "view"
