@@ -16,6 +16,13 @@ log = logging.getLogger("saga")
 # four let a service's consumers (two processes, several threads each) work in parallel.
 COMMAND_PARTITIONS = 4
 REPLY_PARTITIONS = 1
+# A command that cannot be read is parked on its service's dead-letter topic, with why in
+# this header (and where it came from in the next ones), for an operator to look at.
+DEAD_LETTER_PARTITIONS = 1
+PARKED_HEADER = "x-saga-parked"
+# Optional on a command: its attempt number, a positive integer in decimal (as the
+# RabbitMQ events' x-saga-attempt); anything else makes the command unreadable.
+ATTEMPT_HEADER = "x-saga-attempt"
 
 # Settings measured against Tansu 0.6.0, the broker of the demo and the tests (see
 # tools/brokers.py); all are valid for any Kafka cluster.
@@ -56,8 +63,13 @@ def reply_topic(settings: Settings) -> str:
     return f"saga.{settings.db_name}.replies"
 
 
+def dead_letter_topic(settings: Settings, service: str) -> str:
+    return command_topic(settings, service) + ".dead"
+
+
 def all_topics(settings: Settings) -> dict[str, int]:
     topics = {command_topic(settings, s): COMMAND_PARTITIONS for s in SERVICES}
+    topics.update({dead_letter_topic(settings, s): DEAD_LETTER_PARTITIONS for s in SERVICES})
     topics[reply_topic(settings)] = REPLY_PARTITIONS
     return topics
 
@@ -89,6 +101,12 @@ def topic_id(admin: AdminClient, name: str) -> str | None:
         if exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
             return None
         raise
+
+
+def partition_count(admin: AdminClient, name: str) -> int:
+    """How many partitions the topic has (0 while it does not exist)."""
+    meta = admin.list_topics(name, timeout=5).topics.get(name)
+    return len(meta.partitions) if meta is not None and meta.error is None else 0
 
 
 def client_config(settings: Settings, **extra) -> dict:

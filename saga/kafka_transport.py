@@ -14,7 +14,8 @@ import uuid
 from confluent_kafka import OFFSET_END, Consumer, KafkaException, Producer, TopicPartition
 
 from common import Settings
-from kafka_io import CONSUMER, PRODUCER, client_config, command_topic, ensure_topics, reply_topic
+from kafka_io import (CONSUMER, PRODUCER, client_config, command_topic, ensure_topics,
+                      reply_topic, topic_id)
 from saga.model import Outcome
 from saga.transport import outcome, outcome_of_answer
 
@@ -65,8 +66,8 @@ class KafkaTransport:
                 reply = waiter.reply
                 answer = outcome_of_answer(started, reply["status"], reply["body"], action)
                 return Outcome(answer.ok, answer.refused, answer.reached, answer.status_code,
-                               answer.elapsed_ms, f"{answer.message} via kafka ({reply['by']})",
-                               answer.body)
+                               answer.elapsed_ms,
+                               f"{answer.message} via kafka ({reply.get('by', '?')})", answer.body)
             if waiter.error is not None:
                 # Not confirmed by the broker; it may still have been written.
                 return outcome(started, None, f"Kafka did not take the command: {waiter.error}")
@@ -94,6 +95,7 @@ class KafkaTransport:
             try:
                 if consumer is None:
                     admin = ensure_topics(self.settings, admin)
+                    incarnation = topic_id(admin, reply_topic(self.settings))
                     consumer = Consumer(client_config(
                         self.settings, **{**CONSUMER, "auto.offset.reset": "latest",
                                           "group.id": f"orchestrator-{uuid.uuid4().hex}"}))
@@ -106,9 +108,16 @@ class KafkaTransport:
                 if message is not None and message.error() is None:
                     self.take_reply(message.value())
                 if time.monotonic() - checked > 2.0:
-                    # A restarted memory-only broker comes back without topics.
+                    # A restarted memory-only broker comes back without topics. The one
+                    # created again has the same partitions but a new id, and starts at
+                    # offset 0: a consumer left at the old topic's offsets would hear
+                    # nothing (Tansu answers a fetch past the end with no data and no
+                    # error) until the new topic grew past them. So start over on it.
                     ensure_topics(self.settings, admin)
-                    if self.reply_partitions(consumer) != partitions:
+                    if (topic_id(admin, reply_topic(self.settings)) != incarnation
+                            or self.reply_partitions(consumer) != partitions):
+                        log.info("kafka replies: %s was created again; reading the new one",
+                                 reply_topic(self.settings))
                         consumer.close()
                         consumer = None
                     checked = time.monotonic()
@@ -116,6 +125,17 @@ class KafkaTransport:
                 log.warning("kafka replies: %s; retrying", exc)
                 if consumer is not None:
                     consumer.close()
+                consumer = None
+                self.stopping.wait(1.0)
+            except Exception:
+                # Whatever it was, keep listening: an orchestrator deaf to the replies
+                # would time out every step of every saga.
+                log.exception("kafka replies: unexpected failure; starting over")
+                if consumer is not None:
+                    try:
+                        consumer.close()
+                    except Exception:   # nothing more to release
+                        pass
                 consumer = None
                 self.stopping.wait(1.0)
 
@@ -128,8 +148,14 @@ class KafkaTransport:
         try:
             reply = json.loads(raw)
             command_id = reply["id"]
-        except (ValueError, KeyError, TypeError):
-            log.warning("kafka replies: dropped a reply that is not one of ours: %r", raw[:200])
+            # What call() reads of a reply, checked here: a malformed one is dropped
+            # (its call times out and is retried), never raised into the engine.
+            if not (isinstance(command_id, str) and isinstance(reply["status"], int)
+                    and "body" in reply and isinstance(reply.get("by", ""), str)):
+                raise TypeError("not a reply")
+        except (ValueError, KeyError, TypeError, RecursionError):
+            log.warning("kafka replies: dropped a reply that is not one of ours: %r",
+                        (raw or b"")[:200])
             return
         with self.lock:
             waiter = self.waiters.get(command_id)

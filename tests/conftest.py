@@ -360,8 +360,8 @@ def live_system(_shared_system):
 @pytest.fixture(scope="module")
 def _kafka_system(mariadb, rabbitmq, kafka, tmp_path_factory):
     dbname = mariadb.create_database("saga_kafka")
-    # A read timeout of 2 s: a service process killed over Kafka holds its partitions
-    # until the group notices (about 2-3 s); three attempts must outlast that.
+    # A read timeout of 2 s: a Kafka command waits for its reply that long, and a slow
+    # call over Kafka (a broker round trip each way) must not look like a lost one.
     system = System(str(tmp_path_factory.mktemp("kafka-logs")), system_env(
         mariadb, dbname, rabbitmq, SAGA_TRANSPORT="kafka", KAFKA_BOOTSTRAP=kafka.bootstrap,
         SAGA_READ_TIMEOUT="2"))

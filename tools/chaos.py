@@ -44,7 +44,10 @@ leases. A chaos thread then, at random (seeded) moments:
   - and, with --db-restarts K, stops (or kills -9) the database and starts it again K
     times, spread over the run;
   - with a broker (above), kills it -9 or stops it, starting it again on its port
-    0.5-3 s later, or freezes it for 0.5-3 s.
+    0.5-3 s later, or freezes it for 0.5-3 s; with --unlucky P (default 0.5 over Kafka),
+    a broker restart is, with probability P, followed 0.2-4 s after the broker is back by
+    kill -9 of one or two service processes (restarted 0.1-2 s later), while the others
+    are still finding the topics a memory-only broker created anew.
 
 Every process (each orchestrator, A, B, C, service_b2, the broker) is killed and frozen,
 and every service gets a fault, at least once if the run lasts long enough (most of the
@@ -140,6 +143,7 @@ import argparse
 import heapq
 import json
 import os
+import queue
 import random
 import re
 import shutil
@@ -186,10 +190,10 @@ CHAOS_ENV = {
     # consumers would only log their failed connections. A choreography run sets it.
     "RABBITMQ_URL": "off",
 }
-# Over Kafka a killed service process holds its command partitions until its group
-# notices (2-3 s): three attempts of 2 s outlast that. Each of its processes takes its
-# commands one at a time, and a broker restart or a rebalance stalls them all for
-# seconds, so a compensation gets a longer budget than over HTTP.
+# Over Kafka a frozen service process holds its command partitions until its database
+# session times out (4 s; a killed one's go at once): three attempts of 2 s outlast most
+# of that. Each of its processes takes its commands one at a time, and a broker restart
+# stalls them all for seconds, so a compensation gets a longer budget than over HTTP.
 KAFKA_ENV = {"SAGA_TRANSPORT": "kafka", "SAGA_READ_TIMEOUT": "2", "SAGA_COMPENSATE_FOR": "120"}
 # How the sagas run: orchestrated (over HTTP or Kafka), or choreographed by the services
 # over RabbitMQ (registrations only, started at A's POST /register).
@@ -197,6 +201,10 @@ TRANSPORTS = tuple(t for t in ALL_TRANSPORTS if t != "rabbitmq")   # the orchest
 # The share of chaos actions aimed at the broker: Kafka (Tansu) is back in a fraction of a
 # second, RabbitMQ takes 5-8 s to boot, during which no event moves.
 BROKER_SHARE = {False: 0.06, True: 0.03}     # by "is it RabbitMQ"
+# The unlucky order (issue 18): after a restart of the Kafka broker, which comes back
+# empty, kill -9 one or two service processes while the others are still finding the
+# topics created anew. The share of broker restarts followed by such kills, by default.
+UNLUCKY = {"kafka": 0.5}
 SERVICES = {letter: f"service_{letter.lower()}" for letter in common.SERVICES}
 ACTIVE = tuple(str(s) for s in ACTIVE_STATES)
 TABLES = ("TABLE_A", "TABLE_B", "TABLE_C")
@@ -568,6 +576,12 @@ class Chaos(threading.Thread):
         self.db_windows = []                 # (down, up) in time.monotonic()
         self.db_thread = None
         self.db_rng = random.Random(f"{args.seed}-db")
+        # The unlucky kills after a broker restart draw from their own generator, so the
+        # seeds of runs without them replay as before. Planned in the broker's thread,
+        # scheduled by the chaos thread (the event heap is the chaos thread's own).
+        self.unlucky_rng = random.Random(f"{args.seed}-unlucky")
+        self.unlucky_planned = queue.SimpleQueue()
+        self.unlucky_rounds = 0
         # Transfers also meet slow services (a stall within the read timeout); the
         # registration runs keep their own list, so their seeds replay as before.
         self.fault_modes = FAULT_MODES if args.saga == "registration" else FAULT_MODES + ("slow",)
@@ -606,6 +620,10 @@ class Chaos(threading.Thread):
         try:
             while not self.stop_event.is_set():
                 now = time.monotonic()
+                while not self.unlucky_planned.empty():
+                    delay, name, restart_in = self.unlucky_planned.get()
+                    # The event's last field, a generation elsewhere, is its restart delay.
+                    self.schedule(delay, "unlucky_kill", name, restart_in)
                 self.run_due_events(now)
                 self.maybe_restart_database()
                 if now >= next_action:
@@ -724,6 +742,8 @@ class Chaos(threading.Thread):
                     self.note(f"SIGCONT {name}")
             elif kind == "restart":
                 self.restart(name)
+            elif kind == "unlucky_kill":
+                self.unlucky_kill(name, generation)
             elif kind == "fault_off":
                 if self.fault_generation[name] == generation:
                     _, missed = self.put_fault(name, {"mode": "off"})
@@ -734,6 +754,16 @@ class Chaos(threading.Thread):
                         self.schedule(0.5, "fault_off", name, generation)
                     else:
                         self.note(f"fault off on {name}")
+
+    def unlucky_kill(self, name, restart_in):
+        s = self.system
+        if name in self.dead or not s.alive(name):
+            return self.note(f"skip kill -9 {name} after the broker's return: it is down")
+        s.kill(name)
+        self.dead.add(name)
+        self.counts[name]["kill after broker"] += 1
+        self.note(f"kill -9 {name} (after the broker's return); restart in {restart_in:.2f}s")
+        self.schedule(restart_in, "restart", name)
 
     def restart(self, name):
         s = self.system
@@ -870,9 +900,27 @@ class Chaos(threading.Thread):
                 self.broker_restarts.append((how, round(downtime, 2), round(took, 2)))
             self.counts[name]["start"] += 1
             self.note(f"{name} serving again ({took:.2f}s after {how})")
+            if how != "start":
+                self.plan_unlucky_kills()
         except Exception:
             self.errors.append(f"{name} restart failed:\n" + traceback.format_exc())
             self.note(f"{name} restart failed")
+
+    def plan_unlucky_kills(self):
+        """With probability --unlucky, one or two service processes to kill -9 in the
+        seconds after the broker is back (a fixed number of draws each time)."""
+        rng, services = self.unlucky_rng, [n for n in self.system.names
+                                           if n.startswith("service_")]
+        roll, count = rng.random(), rng.choice((1, 2))
+        victims = rng.sample(services, min(count, len(services)))
+        plans = [(rng.uniform(0.2, 4.0), name, rng.uniform(0.1, 2.0)) for name in victims]
+        if roll >= self.args.unlucky:
+            return
+        self.unlucky_rounds += 1
+        self.note("after the broker's return: kill -9 " + ", ".join(
+            f"{name} in {delay:.2f}s" for delay, name, _ in plans))
+        for plan in plans:
+            self.unlucky_planned.put(plan)
 
     def finish_broker(self):
         """After the chaos: the broker thawed, and running."""
@@ -1518,6 +1566,10 @@ def parse_args(argv):
                    help="with a broker: the share of chaos actions aimed at it (kill -9, "
                    "graceful stop, freeze; default 0.03 for RabbitMQ, whose restart takes "
                    "5-8 s, and 0.06 for Kafka)")
+    p.add_argument("--unlucky", type=float, default=None, metavar="P",
+                   help="after a broker restart, with probability P, kill -9 one or two "
+                   "service processes 0.2-4 s after the broker is back (default 0.5 with "
+                   "--transport kafka, else 0)")
     p.add_argument("--orchestrators", type=int, default=1,
                    help="orchestrator processes sharing the database (default 1)")
     p.add_argument("--db-restarts", type=int, default=0,
@@ -1578,6 +1630,10 @@ def parse_args(argv):
         args.broker_share = BROKER_SHARE[args.mode == "choreography"]
     if not 0 <= args.broker_share <= 1:
         p.error("--broker-share must be from 0 to 1")
+    if args.unlucky is None:
+        args.unlucky = UNLUCKY.get(run_as(args)[1], 0.0) if uses_broker(args) else 0.0
+    if not 0 <= args.unlucky <= 1:
+        p.error("--unlucky must be from 0 to 1")
     if args.max_seconds is None:
         args.max_seconds = 120 + args.sagas / 2
     return args
@@ -1598,6 +1654,8 @@ def replay_command(args):
         cmd.append("--second-b")
     if uses_broker(args) and args.broker_share != BROKER_SHARE[args.mode == "choreography"]:
         cmd.append(f"--broker-share {args.broker_share}")
+    if uses_broker(args) and args.unlucky != UNLUCKY.get(run_as(args)[1], 0.0):
+        cmd.append(f"--unlucky {args.unlucky}")
     if args.orchestrators != 1:
         cmd.append(f"--orchestrators {args.orchestrators}")
     if args.db_restarts:
@@ -1839,7 +1897,8 @@ def summarize(args, clients, chaos, checker, outcomes, timing, stuck, extra_note
         broker = {"kind": "rabbitmq" if args.mode == "choreography" else "kafka",
                   "kills": acted.get("kill", 0), "stops": acted.get("stop", 0),
                   "freezes": acted.get("freeze", 0),
-                  "restarts": chaos.broker_restarts if chaos else []}
+                  "restarts": chaos.broker_restarts if chaos else [],
+                  "followed_by_service_kills": chaos.unlucky_rounds if chaos else 0}
     mode, transport = run_as(args)
     summary = {
         "seed": args.seed,
@@ -1929,7 +1988,9 @@ def summarize(args, clients, chaos, checker, outcomes, timing, stuck, extra_note
             say(f"broker:      {broker['kind']} killed -9 {broker['kills']}, stopped "
                 f"{broker['stops']}, frozen {broker['freezes']} time(s)"
                 + (f"; serving again {min(back):.1f}-{max(back):.1f}s after each"
-                   if back else ""))
+                   if back else "")
+                + (f"; {broker['followed_by_service_kills']} restart(s) followed by kill -9 "
+                   "of service processes" if broker["followed_by_service_kills"] else ""))
         if chaos.unexpected_exits:
             say(f"exits:       processes that died on their own: {chaos.unexpected_exits}")
     if summary["covered_after"] is not None:
