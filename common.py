@@ -33,7 +33,21 @@ from mysql.connector.constants import ClientFlag
 
 log = logging.getLogger("saga")
 
-SERVICES = ("A", "B", "C")  # the three participants, each owning its tables and one account
+
+
+def _service_names(raw: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    bad = [n for n in names if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,39}", n)]
+    if not names or bad or len(set(names)) != len(names):
+        raise ValueError(f"SAGA_SERVICES={raw!r}: expected distinct names of letters, digits "
+                         "and '_' (at most 40 characters), e.g. A,B,C")
+    return names
+
+
+# The participants, by name (SAGA_SERVICES): each owns its tables; the saga types'
+# steps name them; SERVICE_<NAME>_URL and SERVICE_<NAME>_PORT place each one. The demo's
+# are A, B and C (each also holds one account).
+SERVICES = _service_names(os.environ.get("SAGA_SERVICES", "A,B,C"))
 
 
 # --- settings -----------------------------------------------------------------------
@@ -62,8 +76,8 @@ class Settings:
     db_user: str = "saga"
     db_password: str = field(default="saga", repr=False)
     db_name: str = "saga_db"
-    ports: dict = field(default_factory=dict)          # "orchestrator", "A", "B", "C" -> port
-    service_urls: dict = field(default_factory=dict)   # "A", "B", "C" -> base URL
+    ports: dict = field(default_factory=dict)          # "orchestrator", each service -> port
+    service_urls: dict = field(default_factory=dict)   # each service -> base URL
     connect_timeout: float = 1.0
     read_timeout: float = 5.0
     max_attempts: int = 3
@@ -90,9 +104,10 @@ class Settings:
 def load_settings() -> Settings:
     ports = {"orchestrator": _env("ORCHESTRATOR_PORT", 5000, int, 1, 65535)}
     urls = {}
-    for n, letter in enumerate(SERVICES, start=1):
-        ports[letter] = _env(f"SERVICE_{letter}_PORT", 5000 + n, int, 1, 65535)
-        urls[letter] = _env(f"SERVICE_{letter}_URL", f"http://127.0.0.1:{5000 + n}").rstrip("/")
+    for n, name in enumerate(SERVICES, start=1):
+        ports[name] = _env(f"SERVICE_{name.upper()}_PORT", 5000 + n, int, 1, 65535)
+        urls[name] = _env(f"SERVICE_{name.upper()}_URL",
+                          f"http://127.0.0.1:{ports[name]}").rstrip("/")
     s = Settings(
         db_host=_env("SAGA_DB_HOST", "127.0.0.1"),
         db_port=_env("SAGA_DB_PORT", 3306, int, 1, 65535),

@@ -80,9 +80,9 @@ INSERT IGNORE INTO CUSTOMER (id, opening, balance) VALUES
 -- 'compensated' is a tombstone: a late invoke writes nothing. 'request' is what the
 -- first call asked for, so a repeat asking for something else is told so.
 CREATE TABLE IF NOT EXISTS STEP_LEDGER (
-  service CHAR(1) NOT NULL,
+  service VARCHAR(40) NOT NULL,
   saga_id VARCHAR(36) COLLATE utf8mb4_bin NOT NULL,
-  op VARCHAR(20) NOT NULL,
+  op VARCHAR(40) NOT NULL,
   state ENUM('invoked', 'refused', 'compensated') NOT NULL,
   request TEXT NULL,
   answer TEXT NULL,
@@ -97,7 +97,7 @@ CREATE TABLE IF NOT EXISTS STEP_LEDGER (
 -- commit and its publish; a relay publishes them and stamps published_at.
 CREATE TABLE IF NOT EXISTS OUTBOX (
   id BIGINT AUTO_INCREMENT PRIMARY KEY,
-  service CHAR(1) NOT NULL,
+  service VARCHAR(40) NOT NULL,
   saga_id VARCHAR(36) COLLATE utf8mb4_bin NOT NULL,
   event VARCHAR(64) NOT NULL,
   payload TEXT NOT NULL,
@@ -154,7 +154,7 @@ CREATE TABLE IF NOT EXISTS SAGA_LOG (
   message TEXT,
   created_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
   step TINYINT UNSIGNED NULL,
-  op VARCHAR(20) NULL,
+  op VARCHAR(40) NULL,
   action ENUM('invoke', 'compensate', 'publish') NULL,
   event VARCHAR(64) NULL,
   attempt INT UNSIGNED NULL,

@@ -51,6 +51,10 @@ def test_first_version_database_is_upgraded_and_its_sagas_carry_on(mariadb, tmp_
     system.start()
     try:
         live = LiveSystem(mariadb, system, dbname)
+        # Services are named by configuration now, not by one letter.
+        assert live.query("SELECT column_type FROM information_schema.columns WHERE "
+                          "table_schema = DATABASE() AND column_name = 'service' AND "
+                          "table_name IN ('STEP_LEDGER', 'OUTBOX')") == [("varchar(40)",)] * 2
         done = live.get("/sagas/done-1").json()
         assert done["status"] == "COMPLETED" and done["type"] == "registration"
         assert done["input"] == {"username": "ada", "address": "1 Old Rd", "payment": "Visa"}

@@ -75,6 +75,23 @@ LEDGER_TO_V2 = [
 ]
 
 
+# Services are named by configuration (SAGA_SERVICES), not only A, B and C.
+NAMED_SERVICES = {
+    "STEP_LEDGER": "ALTER TABLE STEP_LEDGER MODIFY service VARCHAR(40) NOT NULL, "
+                   "MODIFY op VARCHAR(40) NOT NULL",
+    "OUTBOX": "ALTER TABLE OUTBOX MODIFY service VARCHAR(40) NOT NULL",
+    "SAGA_LOG": "ALTER TABLE SAGA_LOG MODIFY op VARCHAR(40) NULL",
+}
+
+
+def column_type(cur, table: str, column: str) -> str | None:
+    cur.execute("SELECT column_type AS kind FROM information_schema.columns WHERE "
+                "table_schema = DATABASE() AND table_name = %s AND column_name = %s",
+                (table, column))
+    row = cur.fetchone()
+    return row and row["kind"].lower()
+
+
 def columns_of(cur, table: str) -> set[str]:
     cur.execute("SELECT column_name AS name FROM information_schema.columns "
                 "WHERE table_schema = DATABASE() AND table_name = %s", (table,))
@@ -89,13 +106,22 @@ def upgrade(db: Database) -> list[str]:
     steps = ([("SAGA", SAGA_TO_V2)] if "username" in saga else []) \
         + ([("SAGA_LOG", LOG_TO_V2)] if log and "op" not in log else []) \
         + ([("STEP_LEDGER", LEDGER_TO_V2)] if ledger and "op" not in ledger else [])
+    run_steps(db, steps, done)
+    with db.transaction() as cur:
+        narrow = [table for table, column in (("STEP_LEDGER", "service"), ("OUTBOX", "service"),
+                                              ("SAGA_LOG", "op"))
+                  if column_type(cur, table, column) in ("char(1)", "varchar(20)")]
+    run_steps(db, [(table, [NAMED_SERVICES[table]]) for table in narrow], done)
+    return done
+
+
+def run_steps(db: Database, steps, done: list) -> None:
     for table, statements in steps:
         # ALTER TABLE commits by itself, so each table moves in one go, in order.
         with db.transaction() as cur:
             for sql in statements:
                 cur.execute(sql)
         done.append(f"{table}: moved to the current layout")
-    return done
 
 
 def main() -> int:
