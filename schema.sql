@@ -1,5 +1,7 @@
 -- The saga database. Re-appliable (IF NOT EXISTS) and names no database:
 --   mariadb saga_db < schema.sql
+-- Made by `python -m saga.schema --print` from the engine's tables (saga/schema.sql) and
+-- each saga type's own (its module's SCHEMA); edit those, not this file.
 -- A database made by an earlier version (SAGA with username/address/payment columns) is
 -- moved to this layout by `./run.sh upgrade` (tools/upgrade.py); see the README.
 -- utf8mb4 everywhere, so any username (Zoë 名前 😀) round-trips exactly; saga ids

@@ -1,9 +1,9 @@
 """Service A (port 5001): its part of every registered saga type; in the demo it
 owns TABLE_A (the users), account A and the orders."""
 
-import common  # noqa: F401  (first: it loads the database driver, see common.py)
+import common  # noqa: F401  (first: the database driver, and the demo's saga types)
 
-from participant.app import create_service_app, run_service
+from saga.participant.app import create_service_app, run_service
 
 SERVICE = "A"
 

@@ -1,9 +1,9 @@
 """Service C (port 5003): its part of every registered saga type; in the demo it
 owns TABLE_C (each user's payment method) and account C."""
 
-import common  # noqa: F401  (first: it loads the database driver, see common.py)
+import common  # noqa: F401  (first: the database driver, and the demo's saga types)
 
-from participant.app import create_service_app, run_service
+from saga.participant.app import create_service_app, run_service
 
 SERVICE = "C"
 

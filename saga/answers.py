@@ -8,11 +8,11 @@ import time
 
 import mysql.connector
 
-from common import UnsupportedServer
+from saga.common import UnsupportedServer
 from saga.errors import KnownStart
 from saga.model import ACTIVE, Saga, Status
 from saga.store import SagaStore
-from validation import ApiError
+from saga.validation import ApiError
 
 
 def answer_of(saga: Saga) -> dict:

@@ -1,15 +1,13 @@
 """The registry of saga types. Each type is one module (the demo's are in sagas/) that
 declares its input, steps, operations, tables and invariant; SAGA_TYPE_MODULES (a
-comma-separated list of modules, each with one SagaType at module level) says which
-are registered. Everything else (the engine, the services, the API, the UI, the tools)
-reads the types from here."""
+comma-separated list of modules, each with one SagaType at module level) says which are
+registered (the demo's common.py names the demo's). Everything else (the engine, the
+services, the API, the UI, the tools) reads the types from here."""
 
 import importlib
 import os
 
 from saga.model import SagaType
-
-DEMO_MODULES = "sagas.registration,sagas.transfer,sagas.order"
 
 
 def load_types(modules: str) -> dict[str, SagaType]:
@@ -23,5 +21,4 @@ def load_types(modules: str) -> dict[str, SagaType]:
     return types
 
 
-SAGA_TYPES: dict[str, SagaType] = load_types(os.environ.get("SAGA_TYPE_MODULES",
-                                                            DEMO_MODULES))
+SAGA_TYPES: dict[str, SagaType] = load_types(os.environ.get("SAGA_TYPE_MODULES", ""))

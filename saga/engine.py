@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import mysql.connector
 
-from common import Database, Settings, UnsupportedServer, backoff_delay, is_unavailable
+from saga.common import Database, Settings, UnsupportedServer, backoff_delay, is_unavailable
 from saga.errors import HandOver, LostLease
 from saga.model import ACTIVE, Outcome, Saga, SagaType, Status, StepKind
 from saga.store import LogEntry, SagaStore, saga_event

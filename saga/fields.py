@@ -3,7 +3,7 @@ ApiError naming the field) and its JSON schema from one declaration, so validati
 OpenAPI document, GET /saga-types and the UI's forms cannot disagree."""
 
 from saga.model import Field
-from validation import MAX_AMOUNT, MAX_INT, amount_field, choice_field, int_field, text_field
+from saga.validation import MAX_AMOUNT, MAX_INT, amount_field, choice_field, int_field, text_field
 
 
 def text(name: str, max_length: int = 255) -> Field:

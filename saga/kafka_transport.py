@@ -13,8 +13,8 @@ import uuid
 
 from confluent_kafka import OFFSET_END, Consumer, KafkaException, Producer, TopicPartition
 
-from common import Settings
-from kafka_io import (CONSUMER, PRODUCER, client_config, command_topic, ensure_topics,
+from saga.common import Settings
+from saga.kafka_io import (CONSUMER, PRODUCER, client_config, command_topic, ensure_topics,
                       reply_topic, topic_id)
 from saga.model import Outcome
 from saga.transport import outcome, outcome_of_answer

@@ -91,6 +91,7 @@ class SagaType:
     # participant.operations.Operation for each step's op, each naming its services.
     operations: tuple = ()
     tables: tuple[str, ...] = ()       # its business tables, children first
+    schema: str = ""                   # their DDL (re-appliable), and opening rows
     reset: tuple[str, ...] = ()        # SQL that puts its tables back to their opening
     # invariant(cursor) -> what is wrong with its data when no saga is active (empty: all
     # or nothing, money conserved, whatever the type promises).

@@ -10,7 +10,7 @@ import time
 
 import mysql.connector
 
-from common import UnsupportedServer, purge_interval
+from saga.common import UnsupportedServer, purge_interval
 from saga.engine import Engine
 
 log = logging.getLogger("saga")

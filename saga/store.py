@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import mysql.connector
 from mysql.connector import errorcode
 
-from common import Database, commit_with, drain_results
+from saga.common import Database, commit_with, drain_results
 from saga.definitions import SAGA_TYPES
 from saga.errors import IllegalTransition, KnownStart, LostLease
 from saga.model import ACTIVE, TRANSITIONS, Saga, SagaType, Status

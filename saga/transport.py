@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import urllib3
 from urllib3.util.wait import wait_for_read
 
-from common import Settings
+from saga.common import Settings
 from saga.model import Outcome
 
 

@@ -15,10 +15,10 @@ from decimal import Decimal
 
 from flask import Blueprint, jsonify
 
-from participant.operations import Operation, Refusal
+from saga.participant.operations import Operation, Refusal
 from saga.fields import always, amount, choice, integer
 from saga.model import Choreographed, SagaType, Step, StepKind
-from validation import ApiError, amount_field, int_field
+from saga.validation import ApiError, amount_field, int_field
 
 ORDER_COLUMNS = "id, saga_id, customer_id, product_id, quantity, total_price, status"
 
@@ -83,7 +83,7 @@ def order_item(row: dict) -> dict:
 def service_routes(service: str, db) -> Blueprint | None:
     """The orders at A (GET /orders, newest first, paged; GET /orders/<id>), the
     customers at B (GET /customers)."""
-    from validation import query_int
+    from saga.validation import query_int
     routes = Blueprint(f"orders_{service}", __name__)
     if service == "A":
         @routes.get("/orders")
@@ -145,6 +145,36 @@ def orders_balance(cur) -> list[str]:
     return wrong
 
 
+
+SCHEMA = """\
+-- The order saga (seed 003): A's orders and B's customers. An order is PENDING until it
+-- is FULFILLED (its customer was charged) or REJECTED (the charge was refused); one
+-- order per saga. Balances are exact and, like the accounts, never negative.
+CREATE TABLE IF NOT EXISTS ORDERS (
+  id INT AUTO_INCREMENT PRIMARY KEY,
+  saga_id VARCHAR(36) COLLATE utf8mb4_bin NOT NULL,
+  customer_id INT NOT NULL,
+  product_id INT NOT NULL,
+  quantity INT NOT NULL,
+  total_price DECIMAL(14,2) NOT NULL,
+  status ENUM('PENDING', 'FULFILLED', 'REJECTED') NOT NULL,
+  created_at DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+  updated_at DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+  UNIQUE KEY orders_saga (saga_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+CREATE TABLE IF NOT EXISTS CUSTOMER (
+  id INT NOT NULL PRIMARY KEY,
+  opening DECIMAL(14,2) NOT NULL,
+  balance DECIMAL(14,2) NOT NULL,
+  updated_at DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+  CONSTRAINT customer_never_negative CHECK (balance >= 0)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+INSERT IGNORE INTO CUSTOMER (id, opening, balance) VALUES
+  (1, 500.00, 500.00), (2, 100.00, 100.00), (3, 0.00, 0.00);
+"""
+
 ORDER = SagaType(
     name="order",
     summary="Place an order: A stores it, B charges the customer, A fulfils it "
@@ -168,6 +198,7 @@ ORDER = SagaType(
     ),
     label=lambda data: (f"customer {data['customer_id']}: {data['quantity']} × product "
                         f"{data['product_id']}, {data['total_price']}"),
+    schema=SCHEMA,
     tables=("ORDERS", "CUSTOMER"),
     reset=("DELETE FROM ORDERS", "UPDATE CUSTOMER SET balance = opening"),
     invariant=orders_balance,

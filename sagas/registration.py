@@ -3,10 +3,10 @@ one row per saga in each service's table; undone in reverse by deleting the rows
 runs orchestrated (POST /start) or choreographed by the services (POST /register at A).
 All or nothing: a COMPLETED saga has one row in each table, any other none."""
 
-from participant.operations import table_row
+from saga.participant.operations import table_row
 from saga.fields import always, text
 from saga.model import Choreographed, SagaType, Step
-from validation import int_field, text_field
+from saga.validation import int_field, text_field
 
 TABLES = ("TABLE_C", "TABLE_B", "TABLE_A")
 
@@ -30,6 +30,36 @@ def all_or_nothing(cur) -> list[str]:
     return wrong
 
 
+
+SCHEMA = """\
+-- Business tables, one per service, as in the seed, plus the saga that made each row.
+-- saga_id is UNIQUE: one saga makes at most one row per table.
+CREATE TABLE IF NOT EXISTS TABLE_A (
+  id INT AUTO_INCREMENT PRIMARY KEY,
+  saga_id VARCHAR(36) COLLATE utf8mb4_bin NOT NULL,
+  username VARCHAR(255) NOT NULL,
+  UNIQUE KEY table_a_saga (saga_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+CREATE TABLE IF NOT EXISTS TABLE_B (
+  id INT AUTO_INCREMENT PRIMARY KEY,
+  saga_id VARCHAR(36) COLLATE utf8mb4_bin NOT NULL,
+  user_id INT NOT NULL,
+  address VARCHAR(255),
+  UNIQUE KEY table_b_saga (saga_id),
+  FOREIGN KEY (user_id) REFERENCES TABLE_A(id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+CREATE TABLE IF NOT EXISTS TABLE_C (
+  id INT AUTO_INCREMENT PRIMARY KEY,
+  saga_id VARCHAR(36) COLLATE utf8mb4_bin NOT NULL,
+  user_id INT NOT NULL,
+  payment_method VARCHAR(255),
+  UNIQUE KEY table_c_saga (saga_id),
+  FOREIGN KEY (user_id) REFERENCES TABLE_A(id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+"""
+
 REGISTRATION = SagaType(
     name="registration",
     summary="Register a user: A stores the user, B the address, C the payment method",
@@ -50,6 +80,7 @@ REGISTRATION = SagaType(
                   {"user_id": int_field, "payment_method": text_field}),
     ),
     label=lambda data: data["username"],
+    schema=SCHEMA,
     tables=TABLES,
     invariant=all_or_nothing,
     start_path="/start",

@@ -11,11 +11,11 @@ from decimal import Decimal
 import mysql.connector
 from flask import Blueprint, jsonify
 
-from common import SERVICES
-from participant.operations import Operation, Refusal
+from saga.common import SERVICES
+from saga.participant.operations import Operation, Refusal
 from saga.fields import amount, choice
 from saga.model import SagaType, Step, StepKind
-from validation import ApiError, amount_field, text_field
+from saga.validation import ApiError, amount_field, text_field
 
 
 def account_operations(service: str) -> tuple[Operation, Operation]:
@@ -113,6 +113,23 @@ def different_accounts(data: dict) -> None:
         raise ApiError(f"to must be another account than from ({data['from']})", "to")
 
 
+
+SCHEMA = """\
+-- The money of the transfer saga: one account per service, id = the service's letter.
+-- Exact decimals; the CHECK is the database's own guard that no balance goes negative
+-- (the debit is also a conditional UPDATE, so a short balance is a refusal, not an error).
+CREATE TABLE IF NOT EXISTS ACCOUNT (
+  id CHAR(1) NOT NULL PRIMARY KEY,
+  opening DECIMAL(14,2) NOT NULL,
+  balance DECIMAL(14,2) NOT NULL,
+  updated_at DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+  CONSTRAINT account_never_negative CHECK (balance >= 0)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+INSERT IGNORE INTO ACCOUNT (id, opening, balance) VALUES
+  ('A', 1000.00, 1000.00), ('B', 500.00, 500.00), ('C', 250.00, 250.00);
+"""
+
 TRANSFER = SagaType(
     name="transfer",
     summary="Move money: debit one account, then credit another (refund if refused)",
@@ -131,6 +148,7 @@ TRANSFER = SagaType(
     check=different_accounts,
     # A refund that gave up would leave the money nowhere: it is retried until it lands.
     compensation_gives_up=False,
+    schema=SCHEMA,
     tables=("ACCOUNT",),
     reset=("UPDATE ACCOUNT SET balance = opening",),
     invariant=money_conserved,

@@ -20,10 +20,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from common import SERVICES, Settings  # noqa: E402
-from kafka_io import COMMAND_PARTITIONS  # noqa: E402
+import common  # noqa: E402,F401  (the demo's wiring: the driver first, the demo's saga types)
+from saga.common import SERVICES, Settings  # noqa: E402
+from saga.kafka_io import COMMAND_PARTITIONS  # noqa: E402
 from saga.definitions import SAGA_TYPES  # noqa: E402
-from participant.events import dead_letter_queue, retry_delays, retry_queue, service_queue  # noqa: E402
+from saga.participant.events import dead_letter_queue, retry_delays, retry_queue, service_queue  # noqa: E402
 from brokers import PrivateKafka, PrivateRabbitMQ  # noqa: E402
 from launcher import PrivateMariaDB, System, wait_for  # noqa: E402
 

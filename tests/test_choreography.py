@@ -10,12 +10,12 @@ import time
 import pika
 import pytest
 
-from common import SERVICES, Settings
+from saga.common import SERVICES, Settings
 from conftest import SEED_INPUT, in_background, join
 from brokers import list_descendants
 from launcher import wait_for
-from participant.choreography import bindings
-from participant.events import dead_letter_queue, service_queue
+from saga.participant.choreography import bindings
+from saga.participant.events import dead_letter_queue, service_queue
 from saga.definitions import SAGA_TYPES
 
 FORWARD = [("A", "invoke", None, "success"),

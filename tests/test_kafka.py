@@ -15,7 +15,7 @@ import requests
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from conftest import SEED_INPUT, expected_calls, in_background, join
-from kafka_io import COMMAND_PARTITIONS
+from saga.kafka_io import COMMAND_PARTITIONS
 from launcher import wait_for
 
 STEPS = "ABC"

@@ -7,7 +7,7 @@ import schemathesis
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from hypothesis import HealthCheck, settings
 
-from openapi import SPEC
+from saga.openapi import SPEC
 
 schema = schemathesis.openapi.from_dict(SPEC)
 

@@ -83,7 +83,7 @@ def test_retries_back_off_exponentially_with_jitter(make_system):
 
 
 def test_backoff_ceiling_doubles_and_is_capped():
-    from common import backoff_delay
+    from saga.common import backoff_delay
     random.seed(7)
     for attempt, ceiling in ((1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (5, 1.0), (9, 1.0)):
         draws = [backoff_delay(0.1, 1.0, attempt) for _ in range(200)]
@@ -131,7 +131,7 @@ def test_a_committed_step_is_not_undone_when_saving_its_outcome_fails(make_syste
 def test_database_run_retries_a_lock_wait_timeout_in_place(live_system):
     # The participants' transactions go through Database.run: a lock wait timeout (or a
     # deadlock) is tried again on the spot instead of failing the call with a 503.
-    from common import Database, Settings
+    from saga.common import Database, Settings
     db = Database(Settings(db_port=live_system.server.port, db_name=live_system.dbname), 2)
     holder = live_system.connect()
     attempts = []

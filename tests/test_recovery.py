@@ -228,7 +228,7 @@ def test_start_never_answers_from_a_state_it_could_not_save(make_system):
 
 def test_database_error_wrapped_by_the_driver_counts_as_unavailable():
     import mysql.connector
-    from common import is_unavailable
+    from saga.common import is_unavailable
     lost = mysql.connector.errors.OperationalError("Lost connection to MySQL server")
     try:
         try:

@@ -174,19 +174,43 @@ def status_of(locator, status):
     expect(locator.locator(".badge").first).to_have_text(re.compile(rf"{status}$"))
 
 
-def start_from_page(page, username=None, address=None, payment=None):
-    for label, value in (("Username", username), ("Address", address), ("Payment", payment)):
-        if value is not None:
-            page.get_by_label(label, exact=True).fill(value)
-    page.get_by_role("button", name="Start saga").click()
-    result = page.locator("#start-result")
-    expect(page.locator("#start-pending")).to_be_hidden()
+def start_form(page, saga_type):
+    """The start form the page built for a saga type from GET /saga-types."""
+    return page.locator(f"#start-{saga_type}")
+
+
+def start_from_form(page, saga_type, values=(), double_click=False):
+    """Fill a type's start form by its labels (a select by its option; a value None keeps
+    what the form holds) and press "Start <type>"; the result once the answer shows."""
+    form = start_form(page, saga_type)
+    for label, value in dict(values).items():
+        if value is None:
+            continue
+        field = form.get_by_label(label, exact=True)
+        if field.evaluate("e => e.tagName") == "SELECT":
+            field.select_option(value)
+        else:
+            field.fill(value)
+    button = form.get_by_role("button", name=f"Start {saga_type}", exact=True)
+    button.dblclick() if double_click else button.click()
+    result = page.locator(f"#{saga_type}-result")
+    expect(page.locator(f"#{saga_type}-pending")).to_be_hidden()
     expect(result).not_to_contain_text("Starting")
     return result
 
 
-def started_id(page, form="start"):
+def start_from_page(page, username=None, address=None, payment=None):
+    return start_from_form(page, "registration",
+                           {"Username": username, "Address": address, "Payment": payment})
+
+
+def started_id(page, form="registration"):
     return page.locator(f"#{form}-result button.mono").text_content()
+
+
+def status_filter(page):
+    """The saga list's status filter (the order form has a field labelled Status too)."""
+    return page.locator("#sagas").get_by_label("Status", exact=True)
 
 
 def card(page, lane, service):
@@ -212,17 +236,8 @@ def balance(page, account):
 
 
 def transfer_from_page(page, source=None, target=None, amount=None, double_click=False):
-    for label, value in (("From", source), ("To", target)):
-        if value is not None:
-            page.get_by_label(label, exact=True).select_option(value)
-    if amount is not None:
-        page.get_by_label("Amount", exact=True).fill(amount)
-    button = page.get_by_role("button", name="Transfer", exact=True)
-    button.dblclick() if double_click else button.click()
-    result = page.locator("#transfer-result")
-    expect(page.locator("#transfer-pending")).to_be_hidden()
-    expect(result).not_to_contain_text("Starting")
-    return result
+    return start_from_form(page, "transfer", {"From": source, "To": target, "Amount": amount},
+                           double_click=double_click)
 
 
 def fault_form(page, service):
@@ -384,9 +399,10 @@ def test_bad_input_shows_the_apis_message_and_marks_the_field(live_system, ui):
     page = ui.open(live_system.url + "/")
     ui.allow_http_error("/start", 400)
     start_from_page(page, username="   ")
-    expect(page.locator("#start-error")).to_have_text("username must not be empty [field: username]")
+    expect(page.locator("#registration-error")).to_have_text("username must not be empty [field: username]")
     username = page.get_by_label("Username", exact=True)
     expect(username).to_have_attribute("aria-invalid", "true")
+    expect(username).to_have_attribute("aria-describedby", "registration-error")
     expect(username).to_be_focused()
     assert live_system.query("SELECT COUNT(*) FROM SAGA")[0][0] == 0
     ui.assert_clean()
@@ -410,11 +426,11 @@ def test_list_updates_in_place_keeps_the_selection_and_filters_by_status(live_sy
     expect(first_row).to_have_class(re.compile(r"\bselected\b"))
     expect(page.locator("#detail-id")).to_have_text(first)
 
-    page.get_by_label("Status", exact=True).select_option("COMPENSATED")
+    status_filter(page).select_option("COMPENSATED")
     expect(rows).to_have_count(1)
     expect(row(page, second)).to_be_visible()
     expect(page.locator("#detail-id")).to_have_text(first)  # the selection survives a filter
-    page.get_by_label("Status", exact=True).select_option("")
+    status_filter(page).select_option("")
     expect(rows).to_have_count(2)
     expect(first_row).to_have_class(re.compile(r"\bselected\b"))
 
@@ -609,12 +625,141 @@ def test_type_filter_shows_one_saga_type(live_system, ui):
     type_filter.select_option("registration")
     expect(rows).to_have_count(1)
     expect(row(page, registration)).to_be_visible()
-    page.get_by_label("Status", exact=True).select_option("COMPENSATED")
+    status_filter(page).select_option("COMPENSATED")
     expect(rows).to_have_count(0)
     expect(page.locator("#sagas-empty")).to_have_text("No registration COMPENSATED sagas.")
-    page.get_by_label("Status", exact=True).select_option("")
+    status_filter(page).select_option("")
     type_filter.select_option("")
     expect(rows).to_have_count(2)
+    ui.assert_clean()
+
+
+def rgb(colour):
+    """"#d97706" as the browser's computed style says it: "rgb(217, 119, 6)"."""
+    return "rgb({}, {}, {})".format(*(int(colour[i:i + 2], 16) for i in (1, 3, 5)))
+
+
+def view_row(page, view, **attrs):
+    """A row of a view's table (the order's orders or customers), by its data attributes."""
+    selector = "".join(f'[data-{k}="{v}"]' for k, v in attrs.items())
+    return page.locator(f"#view-order-{view} tbody tr{selector}")
+
+
+def test_page_builds_one_start_form_per_registered_saga_type(live_system, ui):
+    types = live_system.get("/saga-types").json()["saga_types"]
+    assert [t["name"] for t in types] == ["registration", "transfer", "order"]
+    colours = {t["name"]: t["colour"] for t in types}
+    registration = live_system.start().json()["saga"]
+    page = ui.open(live_system.url + "/")
+
+    expect(page.locator(".side .start-panel h2")).to_have_text(
+        ["Start a registration", "Start a transfer", "Start an order"])
+    for t in types:
+        form = start_form(page, t["name"])
+        expect(form.locator("label")).to_have_text(
+            [f["name"].replace("_", " ").capitalize() for f in t["fields"]])
+        expect(form.get_by_role("button", name=f"Start {t['name']}", exact=True)).to_be_visible()
+    # The order's fields: text inputs filled from its example, a select for its choice.
+    order = start_form(page, "order")
+    expect(order.locator("label")).to_have_text(
+        ["Customer id", "Product id", "Quantity", "Total price", "Status"])
+    for label, value in (("Customer id", "1"), ("Product id", "1"), ("Quantity", "1"),
+                         ("Total price", "50.00")):
+        field = order.get_by_label(label, exact=True)
+        expect(field).to_have_value(value)
+        expect(field).to_have_attribute("type", "text")
+    expect(page.locator("#f-order-quantity")).to_have_attribute("inputmode", "numeric")
+    status = order.get_by_label("Status", exact=True)
+    assert status.evaluate("e => e.tagName") == "SELECT"
+    expect(status.locator("option")).to_have_text(["pending"])
+    expect(status).to_have_value("pending")
+    # The transfer's choices: every account, its defaults chosen.
+    transfer = start_form(page, "transfer")
+    expect(transfer.get_by_label("From", exact=True).locator("option")).to_have_text(["A", "B", "C"])
+    expect(transfer.get_by_label("From", exact=True)).to_have_value("A")
+    expect(transfer.get_by_label("To", exact=True)).to_have_value("B")
+    expect(transfer.get_by_label("Amount", exact=True)).to_have_value("100.00")
+    # Every registered type in the type filter, and its tags in the type's own colour.
+    expect(page.get_by_label("Type", exact=True).locator("option")).to_have_text(
+        ["all", "registration", "transfer", "order"])
+    tag = row(page, registration).locator("td.type .tag").first
+    expect(tag).to_have_text("registration")
+    expect(tag).to_have_css("border-top-color", rgb(colours["registration"]))
+    # The order's views beside the balances, before any order.
+    expect(page.locator("#views-h")).to_have_text("Orders and customers")
+    expect(page.locator("#view-order-customers thead th")).to_have_text(["Id", "Balance"])
+    expect(page.locator("#view-order-customers tbody tr")).to_have_text(
+        [re.compile(r"^1\s*500\.00$"), re.compile(r"^2\s*100\.00$"), re.compile(r"^3\s*0\.00$")])
+    expect(page.locator('#views .view[data-view="orders"] .empty')).to_have_text("No orders yet.")
+    ui.assert_clean()
+
+
+def test_order_from_the_page_completes_or_is_refused_and_the_views_follow(live_system, ui):
+    page = ui.open(live_system.url + "/")
+    expect(view_row(page, "customers", id=1).locator("td")).to_have_text(["1", "500.00"])
+
+    result = start_from_form(page, "order")  # its example: customer 1, 1 × product 1, 50.00
+    expect(result).to_contain_text("COMPLETED")
+    expect(result).to_contain_text("HTTP 200")
+    sid = started_id(page, "order")
+    assert live_system.saga_row(sid)[0] == "COMPLETED"
+    (order_id,), = live_system.query("SELECT id FROM ORDERS WHERE saga_id = %s", (sid,))
+    saga_row = row(page, sid)
+    status_of(saga_row, "COMPLETED")
+    expect(saga_row.locator("td.type .tag")).to_have_text(["order", "orchestration"])
+    colour = live_system.get("/saga-types").json()["saga_types"][2]["colour"]
+    expect(saga_row.locator("td.type .tag").first).to_have_css("border-top-color", rgb(colour))
+    expect(page.locator("#detail-id")).to_have_text(sid)
+    expect(fact(page, "Customer id")).to_have_text("1")
+    expect(page.locator("#view-order-orders thead th")).to_have_text(
+        ["Id", "Customer", "Product", "Quantity", "Total price", "Status"])
+    expect(view_row(page, "orders", saga=sid).locator("td")).to_have_text(
+        [str(order_id), "1", "1", "1", "50.00", "FULFILLED"])
+    expect(view_row(page, "customers", id=1).locator("td")).to_have_text(["1", "450.00"])
+
+    # Customer 3 holds 0.00: B refuses the charge and A rejects the order.
+    ui.allow_http_error("/sagas/start", 409)
+    result = start_from_form(page, "order", {"Customer id": "3"})
+    expect(result).to_contain_text("COMPENSATED")
+    expect(result).to_contain_text("HTTP 409")
+    expect(result).to_contain_text(re.compile(r"Reason: .*insufficient balance"))
+    refused = started_id(page, "order")
+    assert refused != sid and live_system.saga_row(refused)[0] == "COMPENSATED"
+    status_of(row(page, refused), "COMPENSATED")
+    expect(row(page, refused).locator(".why")).to_contain_text("insufficient balance")
+    expect(page.locator("#detail-id")).to_have_text(refused)
+    expect(step_card(page, "forward", "charge")).to_have_attribute("data-status", "rejected")
+    expect(view_row(page, "orders", saga=refused).locator('td[data-column="status"]')).to_have_text("REJECTED")
+    expect(view_row(page, "orders")).to_have_count(2)
+    expect(view_row(page, "customers", id=3).locator("td")).to_have_text(["3", "0.00"])
+    expect(view_row(page, "customers", id=1).locator("td")).to_have_text(["1", "450.00"])
+    live_system.assert_invariants()
+    ui.assert_clean()
+
+
+def test_bad_order_shows_the_apis_message_on_the_field(live_system, ui):
+    page = ui.open(live_system.url + "/")
+    ui.allow_http_error("/sagas/start", 400)
+    bodies = []
+    page.on("request", lambda req: bodies.append(req.post_data_json)
+            if req.method == "POST" and req.url.endswith("/sagas/start") else None)
+    example = {"saga_type": "order", "customer_id": 1, "product_id": 1, "quantity": 1,
+               "total_price": "50.00", "status": "pending"}
+    # An integer field's text goes as a JSON number when it reads as one, else as typed.
+    for label, typed, sent in (("Quantity", "0", 0), ("Customer id", "one", "one")):
+        field_name = label.lower().replace(" ", "_")
+        body = {**example, field_name: sent}
+        expected = live_system.post("/sagas/start", json=body).json()  # the API's own words
+        assert expected["field"] == field_name, expected
+        start_from_form(page, "order", {"Quantity": "1", "Customer id": "1", label: typed})
+        assert bodies[-1] == body, bodies
+        expect(page.locator("#order-error")).to_have_text(f"{expected['error']} [field: {field_name}]")
+        field = start_form(page, "order").get_by_label(label, exact=True)
+        expect(field).to_have_attribute("aria-invalid", "true")
+        expect(field).to_have_attribute("aria-describedby", "order-error")
+        expect(field).to_be_focused()
+    expect(page.get_by_label("Quantity", exact=True)).not_to_have_attribute("aria-invalid", "true")
+    assert live_system.query("SELECT COUNT(*) FROM SAGA")[0][0] == 0
     ui.assert_clean()
 
 
@@ -757,6 +902,11 @@ def test_screenshot_of_a_busy_monitor(live_system, ui):
     for the README."""
     page = ui.open(live_system.url + "/")
     ui.allow_http_error("/accounts", 503)  # a balance read may meet B restarting after a crash
+    ui.allow_http_error("/views/customers", 502)  # and so may the customers' view, read at B
+    live_system.post("/sagas/start", json={"saga_type": "order", "customer_id": 1, "product_id": 7,
+                                           "quantity": 2, "total_price": "80.00"})
+    live_system.post("/sagas/start", json={"saga_type": "order", "customer_id": 2, "product_id": 3,
+                                           "quantity": 1, "total_price": "150.00"})  # more than 2 holds
     live_system.set_fault("A", mode="fail", every=2)
     live_system.set_fault("B", mode="crash", every=2)
     people = [("john_doe", "123 Main St", "Visa"), ("ada", "12 Analytical Way", "Mastercard"),
@@ -776,13 +926,14 @@ def test_screenshot_of_a_busy_monitor(live_system, ui):
     live_system.set_fault("B", mode="crash", every=2)
     live_system.set_fault("C", mode="off")
     expect(page.locator("#fault-C-h").locator("xpath=../..")).to_contain_text("Fault: off")
-    expect(page.locator("#saga-rows > tr")).to_have_count(10)
+    expect(page.locator("#saga-rows > tr")).to_have_count(12)
     expect(page.locator("#saga-rows > tr.flash")).to_have_count(0)
     expect(page.locator('#saga-rows > tr[data-status="RUNNING"], #saga-rows > tr[data-status="COMPENSATING"]')
            ).to_have_count(0)
     balances = live_system.balances()
     expect_balances(page, {k: f"{v:.2f}" for k, v in balances.items()})
     expect(page.locator("#money .changed")).to_have_count(0)  # their flash has faded
+    expect(view_row(page, "orders")).to_have_count(2)
     row(page, refused).click()
     expect(page.locator("#lane-comp > li")).to_have_count(1)
     expect(step_card(page, "comp", "debit")).to_have_attribute("data-status", "success")

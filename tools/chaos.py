@@ -169,8 +169,9 @@ sys.path.append(ROOT)   # the project's own modules: the names of its queues and
 
 from brokers import PrivateKafka, PrivateRabbitMQ, list_descendants  # noqa: E402
 from launcher import PrivateMariaDB, System, free_port, wait_for  # noqa: E402
-import common  # noqa: E402
-import faults  # noqa: E402
+import common as demo  # noqa: E402,F401  (the demo's wiring: its saga types)
+from saga import common  # noqa: E402
+from saga import faults  # noqa: E402
 from saga.model import ACTIVE as ACTIVE_STATES, MODES, TRANSPORTS as ALL_TRANSPORTS  # noqa: E402
 
 # Short timeouts and leases so failures and takeovers happen fast; a long compensation
@@ -269,7 +270,7 @@ class ChaosSystem(System):
     def wait_kafka_ready(self, timeout=60):
         """Until every command partition of every service has a consumer (a group join
         takes a couple of seconds), so the first commands are not left waiting."""
-        from kafka_io import COMMAND_PARTITIONS
+        from saga.kafka_io import COMMAND_PARTITIONS
 
         def ready():
             covered = {svc: set() for svc in SERVICES}
@@ -1753,8 +1754,8 @@ def queued_events(broker, env):
     """{queue: messages ready} for the run's RabbitMQ queues (each service's, and its
     retry queues) that are not empty; names as the services make them."""
     import pika
-    from common import Settings
-    from participant.events import retry_delays, retry_queue, service_queue
+    from saga.common import Settings
+    from saga.participant.events import retry_delays, retry_queue, service_queue
     settings = Settings(db_name=env["SAGA_DB_NAME"], max_attempts=int(env["SAGA_MAX_ATTEMPTS"]),
                         backoff_base=float(env["SAGA_BACKOFF_BASE"]),
                         backoff_max=float(env["SAGA_BACKOFF_MAX"]))

@@ -13,7 +13,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import Database, load_settings  # noqa: E402
+from saga.common import Database, load_settings  # noqa: E402
 
 # The registration's operation at each service, and the columns of its first call.
 OPS = {"A": ("user", "TABLE_A", "user_id", ("username",)),

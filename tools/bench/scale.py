@@ -87,7 +87,7 @@ def captured_sql(code_dir, fill):
     out = []
     sys.path.insert(0, code_dir)
     try:
-        import common
+        from saga import common
         from saga.store import SagaStore
         settings = common.load_settings()
         db = _RecordingDatabase()

@@ -21,9 +21,9 @@ for path in (TOOLS,):
         sys.path.insert(0, path)
 sys.path.append(ROOT)   # the project's own constants, not restated here
 
-from common import SERVICES  # noqa: E402
-from faults import SEED_FAULTS  # noqa: E402
-from kafka_io import COMMAND_PARTITIONS  # noqa: E402
+from saga.common import SERVICES  # noqa: E402
+from saga.faults import SEED_FAULTS  # noqa: E402
+from saga.kafka_io import COMMAND_PARTITIONS  # noqa: E402
 DB_COUNTERS = ("Questions", "Com_admin_commands", "Com_commit", "Com_insert", "Com_update",
                "Com_select", "Connections", "Innodb_data_fsyncs")
 OPENING_TOTAL = "1750.00"   # A 1000 + B 500 + C 250, as schema.sql opens them

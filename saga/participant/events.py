@@ -1,5 +1,5 @@
 """Events over RabbitMQ, for the choreography: the topology, the outbox relay and the
-consumers. What an event means is in participant/choreography.py; this module only
+consumers. What an event means is in saga/participant/choreography.py; this module only
 moves events, and moves them so that none is lost:
 
 - an event is written to OUTBOX in the same transaction as the business change that
@@ -29,7 +29,7 @@ import mysql.connector
 import pika
 import pika.exceptions
 
-from common import Database, Settings, UnsupportedServer, backoff_delay
+from saga.common import Database, Settings, UnsupportedServer, backoff_delay
 from saga.store import LogEntry, insert_log
 
 log = logging.getLogger("saga")

@@ -7,7 +7,7 @@ import mmap
 import multiprocessing
 import random
 
-from validation import ApiError, reject_unknown_fields
+from saga.validation import ApiError, reject_unknown_fields
 
 # fail: 500 before the transaction; reject: a business "no" (422), recorded as a refusal;
 # drop: commit, then cut the connection (no answer); crash: commit, then the process

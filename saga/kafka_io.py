@@ -8,7 +8,7 @@ import logging
 from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from common import SERVICES, Settings
+from saga.common import SERVICES, Settings
 
 log = logging.getLogger("saga")
 

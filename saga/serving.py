@@ -11,10 +11,10 @@ import mysql.connector
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from common import (C_DRIVER, ConfigError, Database, Settings, UnsupportedServer,
+from saga.common import (C_DRIVER, ConfigError, Database, Settings, UnsupportedServer,
                     is_unavailable)
 from saga.answers import answer_code, public
-from validation import MAX_BODY_BYTES, ApiError
+from saga.validation import MAX_BODY_BYTES, ApiError
 
 log = logging.getLogger("saga")
 

@@ -14,7 +14,7 @@ registration.address.undone, and A undoes the user and marks the saga COMPENSATE
 pivot (a retriable step) is redelivered until it succeeds; only its refusal fails it.
 
 Each reaction commits its business change, its SAGA_LOG row and its next event in one
-transaction (the event goes to OUTBOX, see participant/events.py); the participant's
+transaction (the event goes to OUTBOX, see saga/participant/events.py); the participant's
 ledger makes every reaction idempotent and every undo final, as in orchestration. The
 SAGA row of a choreographed saga is kept by the services that learn its news: the
 first step's service creates and finishes it, the service that gives up marks it
@@ -29,15 +29,15 @@ from dataclasses import dataclass
 import mysql.connector
 from mysql.connector import errorcode
 
-from common import Settings, backoff_delay
-from participant.core import Participant
-from participant.events import Consumer, DeadLetters, Outbox, Relay, Unreadable
+from saga.common import Settings, backoff_delay
+from saga.participant.core import Participant
+from saga.participant.events import Consumer, DeadLetters, Outbox, Relay, Unreadable
 from saga.answers import answer_from_store
 from saga.definitions import SAGA_TYPES
 from saga.errors import KnownStart
 from saga.model import ACTIVE, SagaType, Status, StepKind
 from saga.store import LogEntry, SagaStore, insert_log, saga_event
-from validation import ApiError
+from saga.validation import ApiError
 
 log = logging.getLogger("saga")
 

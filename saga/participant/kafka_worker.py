@@ -32,12 +32,12 @@ import time
 import mysql.connector
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from common import C_DRIVER, Settings, UnsupportedServer
-from kafka_io import (ATTEMPT_HEADER, CONSUMER, PARKED_HEADER, PRODUCER, client_config,
+from saga.common import C_DRIVER, Settings, UnsupportedServer
+from saga.kafka_io import (ATTEMPT_HEADER, CONSUMER, PARKED_HEADER, PRODUCER, client_config,
                       command_topic, dead_letter_topic, ensure_topics, partition_count,
                       reply_topic, topic_id)
-from participant.core import Answer, Participant
-from validation import ApiError
+from saga.participant.core import Answer, Participant
+from saga.validation import ApiError
 
 log = logging.getLogger("saga")
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import mysql.connector
 from mysql.connector import errorcode
 
-from common import Database, Settings
-from faults import AFTER_COMMIT, FaultStore, stall_seconds
-from participant.ledger import COMPENSATED, INVOKED, REFUSED, Ledger
-from participant.operations import Operation, Refusal
-from validation import ApiError, reject_unknown_fields, saga_id_field
+from saga.common import Database, Settings
+from saga.faults import AFTER_COMMIT, FaultStore, stall_seconds
+from saga.participant.ledger import COMPENSATED, INVOKED, REFUSED, Ledger
+from saga.participant.operations import Operation, Refusal
+from saga.validation import ApiError, reject_unknown_fields, saga_id_field
 
 log = logging.getLogger("saga")
 

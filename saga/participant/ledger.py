@@ -4,7 +4,7 @@ database orders them: whichever commits second sees the other."""
 
 import json
 
-from common import commit_with
+from saga.common import commit_with
 
 INVOKED, REFUSED, COMPENSATED = "invoked", "refused", "compensated"
 

@@ -2,8 +2,8 @@
 enums and request bodies come from the constants and saga definitions they describe.
 tests/test_openapi.py validates real responses against it and fuzzes it."""
 
-from common import SERVICES
-from faults import FAULT_MODES, FAULT_TARGETS
+from saga.common import SERVICES
+from saga.faults import FAULT_MODES, FAULT_TARGETS
 from saga.definitions import SAGA_TYPES
 from saga.model import ACTIONS, MODES, STATES, TRANSPORTS
 
@@ -83,8 +83,8 @@ FIRST_TYPE = next(iter(SAGA_TYPES.values()))
 SPEC = {
     "openapi": "3.1.0",
     "info": {"title": "Saga orchestrator", "version": "2.0.0",
-             "description": "Runs sagas (registration A -> B -> C, money transfer) with "
-                            "compensation; see README.md."},
+             "description": "Runs sagas of the registered types ("
+                            + ", ".join(SAGA_TYPES) + ") with compensation; see README.md."},
     "paths": {
         **{t.start_path: {"post": start(t, f"start_{t.name}")}
            for t in SAGA_TYPES.values() if t.start_path},
