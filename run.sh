@@ -80,7 +80,7 @@ start_database() {
 check_server_version() {   # the engine needs FOR UPDATE SKIP LOCKED: stop here if it cannot have it
   .venv/bin/python - <<'PY'
 import sys
-from common import Database, UnsupportedServer, load_settings
+from saga.common import Database, UnsupportedServer, load_settings
 try:
     Database(load_settings(), 1).check_server()
 except UnsupportedServer as exc:
