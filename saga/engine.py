@@ -57,6 +57,10 @@ class Engine:
         waits in the schedule). `due`: it comes back from the schedule."""
         with self._active_lock:
             self._active[saga.id] += 1
+        return self._submit(saga, resumed, due)
+
+    def _submit(self, saga: Saga, resumed: bool = False, due: bool = False) -> Future:
+        with self._active_lock:
             self._submitted += 1
         future = self.executor.submit(self._drive, saga, resumed, due)
         future.add_done_callback(self._driver_done)
@@ -114,10 +118,7 @@ class Engine:
         except HandOver:
             # The lease stays ours (the saga stays in _active): carry on elsewhere.
             saga.hand_over_at = None
-            with self._active_lock:
-                self._submitted += 1
-            self.executor.submit(self._drive, saga, False).add_done_callback(
-                self._driver_done)
+            self._submit(saga)
             handed_over = True
         except LostLease:
             log.info("saga %s: taken over (its fence moved on); stopping here", saga.id)
