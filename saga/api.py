@@ -258,8 +258,8 @@ def describe_type(saga_type) -> dict:
         "name": saga_type.name, "summary": saga_type.summary,
         "fields": [{"name": f.name, "required": f.required, **f.schema}
                    for f in saga_type.fields],
-        "steps": [{"name": s.name, "service": service_of(s), "op": s.op, "kind": s.kind.value}
-                  for s in saga_type.steps],
+        "steps": [{"name": s.name, "service": service_of(s), "op": s.op, "kind": s.kind.value,
+                   "attempts": s.attempts, "timeout": s.timeout} for s in saga_type.steps],
         "modes": ["orchestration"] + (["choreography"] if saga_type.choreography else []),
         "start_path": saga_type.start_path,
         "choreography_path": saga_type.choreography and saga_type.choreography.path,

@@ -275,7 +275,8 @@ class Engine:
         # A saga keeps the transport it started with, if this orchestrator has it.
         transport = self.transports.get(saga.transport) or \
             self.transports[self.settings.transport]
-        return transport.call(saga.service, action, {"saga_id": saga.id, **fields})
+        return transport.call(saga.service, action, {"saga_id": saga.id, **fields},
+                              saga.current.timeout)
 
     def _call_entry(self, saga: Saga, action: str, outcome: Outcome, status=None) -> LogEntry:
         if status is None:

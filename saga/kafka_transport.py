@@ -42,7 +42,9 @@ class KafkaTransport:
         threading.Thread(target=self.deliver_loop, name="kafka-deliver", daemon=True).start()
         threading.Thread(target=self.reply_loop, name="kafka-replies", daemon=True).start()
 
-    def call(self, service: str, action: str, fields: dict) -> Outcome:
+    def call(self, service: str, action: str, fields: dict,
+             timeout: float | None = None) -> Outcome:
+        wait = timeout or self.settings.read_timeout
         started = time.monotonic()
         # Replies are read from the end of the topic: send nothing before listening.
         if not self.listening.wait(self.settings.connect_timeout + self.settings.read_timeout):
@@ -61,7 +63,7 @@ class KafkaTransport:
             except (BufferError, KafkaException) as exc:
                 return outcome(started, None, f"Kafka refused the command: {exc}",
                                reached=False)
-            waiter.done.wait(self.settings.read_timeout)
+            waiter.done.wait(wait)
             if waiter.reply is not None:
                 reply = waiter.reply
                 answer = outcome_of_answer(started, reply["status"], reply["body"], action)
@@ -71,7 +73,7 @@ class KafkaTransport:
             if waiter.error is not None:
                 # Not confirmed by the broker; it may still have been written.
                 return outcome(started, None, f"Kafka did not take the command: {waiter.error}")
-            return outcome(started, None, f"no reply within {self.settings.read_timeout:g} s "
+            return outcome(started, None, f"no reply within {wait:g} s "
                                           "(kafka)")
         finally:
             with self.lock:

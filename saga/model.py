@@ -63,6 +63,7 @@ class Step:
     build: Callable[[dict, dict], dict]  # the call's fields from the input and results
     kind: StepKind = StepKind.COMPENSATABLE
     attempts: int | None = None        # forward attempts before undoing (SAGA_MAX_ATTEMPTS)
+    timeout: float | None = None       # seconds to wait for each answer (SAGA_READ_TIMEOUT)
 
 
 @dataclass(frozen=True)

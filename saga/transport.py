@@ -34,15 +34,18 @@ class HttpTransport:
         self.timeout = urllib3.Timeout(connect=self.connect_timeout, read=self.read_timeout)
         self.local = threading.local()
 
-    def call(self, service: str, action: str, fields: dict) -> Outcome:
-        """POST /invoke or /compensate to `service`; never raises for a failed call."""
+    def call(self, service: str, action: str, fields: dict,
+             timeout: float | None = None) -> Outcome:
+        """POST /invoke or /compensate to `service`, waiting `timeout` seconds for the
+        answer (SAGA_READ_TIMEOUT by default); never raises for a failed call."""
         started = time.monotonic()
+        read_timeout = timeout or self.read_timeout
         conn, phase = self.connection(service), "connect"
         try:
             if conn.sock is None:
                 conn.timeout = self.connect_timeout
                 conn.connect()
-            conn.sock.settimeout(self.read_timeout)
+            conn.sock.settimeout(read_timeout)
             phase = "send"
             conn.request("POST", f"{self.targets[service].path.rstrip('/')}/{action}",
                          json.dumps(fields).encode(), self.headers)
@@ -52,7 +55,7 @@ class HttpTransport:
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             message, reached = describe_failure(exc, phase, self.connect_timeout,
-                                                self.read_timeout)
+                                                read_timeout)
             return outcome(started, None, message, reached=reached)
         if resp.will_close:
             conn.close()

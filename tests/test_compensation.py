@@ -2,9 +2,11 @@
 reverse order every step that may have written something (the failed one too when its
 outcome is unknown), leaving no row behind."""
 
+import os
+
 import pytest
 
-from conftest import expected_calls, in_background, join
+from conftest import ROOT, expected_calls, in_background, join
 from launcher import wait_for
 
 STEPS = "ABC"
@@ -171,3 +173,20 @@ def test_failed_saga_can_be_retried_by_an_operator(make_system):
     assert resp.status_code == 200, resp.text
     assert resp.json()["status"] == "COMPENSATED"
     assert system.row_counts(sid) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+
+
+def test_a_step_carries_its_own_attempts_and_timeout(make_system):
+    system = make_system(
+        SAGA_TYPE_MODULES="sagas.registration,sagas.transfer,sagas.order,policy_sagas",
+        PYTHONPATH=os.path.join(ROOT, "tests", "fixtures"), SAGA_READ_TIMEOUT="10")
+    step, = [t for t in system.get("/saga-types").json()["saga_types"]
+             if t["name"] == "policy"][0]["steps"]
+    assert (step["attempts"], step["timeout"]) == (2, 0.5)
+    system.set_fault("B", mode="hang", seconds=3)
+    resp = system.post("/sagas/start", json={"saga_type": "policy", "text": "hello"})
+    assert resp.status_code == 502, resp.text
+    calls = system.query("SELECT action, attempt, message FROM SAGA_LOG WHERE saga_id = %s "
+                         "AND service = 'B' ORDER BY id", (resp.json()["saga"],))
+    assert [(a, n) for a, n, _ in calls] == [("invoke", 1), ("invoke", 2), ("compensate", 1)]
+    assert all("read timeout after 0.5 s" in m for a, _, m in calls if a == "invoke")
+    system.wait_idle("B")
