@@ -13,7 +13,7 @@ import pytest
 from saga.common import SERVICES, Settings
 from conftest import SEED_INPUT, in_background, join
 from brokers import list_descendants
-from launcher import wait_for
+from launcher import free_port, wait_for
 from saga.participant.choreography import bindings
 from saga.participant.events import dead_letter_queue, service_queue
 from saga.definitions import SAGA_TYPES
@@ -287,3 +287,16 @@ def test_no_event_is_marked_published_before_the_broker_confirms_it(make_system,
     assert answer["resp"].status_code == 200, answer["resp"].text
     assert system.status(sid) == "COMPLETED"
     assert system.query("SELECT COUNT(*) FROM OUTBOX WHERE published_at IS NULL") == [(0,)]
+
+
+def test_a_broker_that_cannot_be_reached_is_named_in_the_warnings(make_system):
+    port = free_port()
+    system = make_system(RABBITMQ_URL=f"amqp://guest:guest@127.0.0.1:{port}/%2F")
+    log_path = os.path.join(system.system.logdir, "service_a.log")
+
+    def warnings():
+        with open(log_path, encoding="utf-8") as f:
+            return [line for line in f if "relay-A:" in line and "retrying" in line]
+
+    found = wait_for(warnings, 30, "the relay to say it cannot reach the broker")
+    assert all(f"not reachable at 127.0.0.1:{port}" in line for line in found), found

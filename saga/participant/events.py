@@ -119,7 +119,10 @@ class BrokerThread(threading.Thread):
             except (*BROKER_ERRORS, mysql.connector.Error, UnsupportedServer) as exc:
                 failures += 1
                 if failures in (1, 10) or failures % 100 == 0:
-                    log.warning("%s: %s; retrying", self.name, exc)
+                    # pika's connection errors often carry no text: name the error
+                    log.warning("%s: %s; retrying", self.name,
+                                str(exc) or f"{type(exc).__name__} (broker not reachable "
+                                            f"at {self.settings.rabbitmq_url.split('@')[-1]})")
                 self.stopping.wait(backoff_delay(0.1, 2.0, failures))
 
     def serve(self, connection, channel) -> None:
