@@ -9,6 +9,7 @@ import base64
 import binascii
 import json
 import os
+import sys
 import time
 from decimal import Decimal
 
@@ -361,6 +362,8 @@ def retry(saga_id):
             return [saga_event(saga.id, Status.COMPENSATING,
                                "compensation retried by an operator")]
         if saga.status in ACTIVE and not lease_live:
+            if saga.status == Status.RUNNING:
+                saga.touched = True   # the call its dead owner was making may have landed
             return [saga_event(saga.id, saga.status, "resumed by an operator")]
         if saga.status in ACTIVE:
             raise ApiError(f"saga {saga.id} is {saga.status} and being driven; nothing to "
@@ -533,6 +536,9 @@ def create_app(settings=None, start_background: bool = True):
 
 def main() -> None:
     """Serve the orchestrator at ORCHESTRATOR_PORT."""
+    if not SAGA_TYPES:
+        sys.exit("saga.api cannot start: no saga type is registered; set SAGA_TYPE_MODULES "
+                 "to the modules that define yours (comma-separated)")
     settings = load_settings()
     serve(lambda: create_app(settings), settings.ports["orchestrator"], settings,
           "orchestrator")

@@ -22,3 +22,10 @@ def load_types(modules: str) -> dict[str, SagaType]:
 
 
 SAGA_TYPES: dict[str, SagaType] = load_types(os.environ.get("SAGA_TYPE_MODULES", ""))
+
+
+def register(saga_types) -> None:
+    """Register types given in code (SagaParticipant(saga_types=...)) beside those of
+    SAGA_TYPE_MODULES, so every part of the process knows them by name."""
+    for saga_type in saga_types:
+        SAGA_TYPES.setdefault(saga_type.name, saga_type)

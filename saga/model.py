@@ -28,7 +28,9 @@ TRANSITIONS = {
     Status.RUNNING: {Status.RUNNING, Status.COMPLETED, Status.COMPENSATING, Status.COMPENSATED},
     Status.COMPENSATING: {Status.COMPENSATING, Status.COMPENSATED, Status.FAILED},
     Status.COMPLETED: {Status.COMPENSATING},
-    Status.FAILED: {Status.COMPENSATING},
+    # FAILED -> COMPENSATED: in a choreography, a redelivered undo that was still in
+    # flight when its twin parked the saga can finish the undo after all.
+    Status.FAILED: {Status.COMPENSATING, Status.COMPENSATED},
     Status.COMPENSATED: set(),
 }
 
@@ -131,6 +133,17 @@ class SagaType:
             if sent != set(ops[0].fields):
                 raise ValueError(f"{self.name}: step {step.name} sends {sorted(sent)}, but "
                                  f"operation {step.op} takes {sorted(ops[0].fields)}")
+        for step in self.steps[self.pivot + 1:] if self.pivot is not None else ():
+            if any(o.refuses for o in self.operations if o.name == step.op):
+                raise ValueError(f"{self.name}: step {step.name} comes after the pivot "
+                                 f"({self.steps[self.pivot].name}), which cannot be undone: "
+                                 f"its operation {step.op} must be declared refuses=False")
+
+    @property
+    def pivot(self) -> int | None:
+        """The first retriable step: once it may have committed, the saga only goes on."""
+        return next((k for k, s in enumerate(self.steps) if s.kind == StepKind.RETRIABLE),
+                    None)
 
     def read_input(self, body: dict) -> dict:
         data = {f.name: f.read(body) for f in self.fields}

@@ -78,7 +78,7 @@ def start(saga_type, operation_id, summary=None):
 
 OPERATOR = {"security": [{}, {"bearer": []}]}
 SAGA_TYPE_NAMES = list(SAGA_TYPES)
-FIRST_TYPE = next(iter(SAGA_TYPES.values()))
+FIRST_TYPE = next(iter(SAGA_TYPES.values()), None)   # none: the process will not start
 
 SPEC = {
     "openapi": "3.1.0",
@@ -88,12 +88,13 @@ SPEC = {
     "paths": {
         **{t.start_path: {"post": start(t, f"start_{t.name}")}
            for t in SAGA_TYPES.values() if t.start_path},
-        "/sagas/start": {"post": {
+        **({"/sagas/start": {"post": {
             **start(FIRST_TYPE, "startAny", "Start a saga of any type: a saga type's fields "
                     f"with saga_type naming it, or without it the {FIRST_TYPE.name}'s"),
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "oneOf": [ref(input_name(FIRST_TYPE)),
-                          *(typed_input_schema(t) for t in SAGA_TYPES.values())]}}}}}},
+                          *(typed_input_schema(t) for t in SAGA_TYPES.values())]}}}}}}}
+           if FIRST_TYPE else {}),
         "/saga-types/{name}/views/{view}": {"get": {
             "summary": "A saga type's read at the service that holds it (the order's orders "
                        "and customers), passed on",

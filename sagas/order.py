@@ -67,10 +67,16 @@ def read_fulfil(body: dict) -> dict:
 
 
 def fulfil(cur, saga_id, values):
+    # After the charge nothing can be undone: this only ever succeeds (an order of this
+    # saga that is FULFILLED already is the same success), or fails and is retried.
     cur.execute("UPDATE ORDERS SET status = 'FULFILLED' WHERE id = %s AND saga_id = %s "
-                "AND status = 'PENDING'", (values["order_id"], saga_id))
-    if cur.rowcount != 1:
-        raise Refusal(f"order {values['order_id']} of this saga is not pending", "order_id")
+                "AND status IN ('PENDING', 'FULFILLED')", (values["order_id"], saga_id))
+    cur.execute("SELECT status FROM ORDERS WHERE id = %s AND saga_id = %s",
+                (values["order_id"], saga_id))
+    row = cur.fetchone()
+    if row is None or row["status"] != "FULFILLED":
+        raise RuntimeError(f"order {values['order_id']} of saga {saga_id} cannot be "
+                           f"fulfilled: it is {row and row['status']}")
     return {"order_id": values["order_id"], "order_status": "FULFILLED"}
 
 
@@ -194,7 +200,7 @@ ORDER = SagaType(
         Operation("order", ("A",), ("customer_id", "product_id", "quantity", "total_price"),
                   read_order, place, reject),
         Operation("charge", ("B",), ("customer_id", "amount"), read_charge, charge),
-        Operation("fulfil", ("A",), ("order_id",), read_fulfil, fulfil),
+        Operation("fulfil", ("A",), ("order_id",), read_fulfil, fulfil, refuses=False),
     ),
     label=lambda data: (f"customer {data['customer_id']}: {data['quantity']} × product "
                         f"{data['product_id']}, {data['total_price']}"),

@@ -298,3 +298,31 @@ def test_health_reads_and_operator_actions_answer_while_every_web_thread_would_w
     assert system.query("SELECT COUNT(*) FROM SAGA")[0][0] == 4
     assert system.status(running) == "COMPENSATED"
     system.assert_all_or_nothing()
+
+
+def test_retrying_a_stuck_saga_undoes_the_step_its_dead_owner_may_have_committed(make_system):
+    # One attempt per step; recovery only at start, so the operator is the one who
+    # takes the saga over.
+    system = make_system(SAGA_LEASE_SECONDS="5", SAGA_RECOVERY_INTERVAL="3600",
+                         SAGA_MAX_ATTEMPTS="1")
+    system.set_fault("B", mode="slow", seconds=2, next=1)
+    thread, _ = in_background(system.start)
+    system.wait_serving("B")
+    system.system.kill("orchestrator")
+    join(thread)
+    system.wait_idle("B")                       # B's address committed meanwhile
+    sid = system.query("SELECT id FROM SAGA")[0][0]
+    assert system.row_counts(sid)["TABLE_B"] == 1
+    system.system.kill("service_b")             # and B cannot be reached for a while
+    system.system.start("orchestrator")
+    wait_for(lambda: system.query("SELECT lease_until < NOW(3) FROM SAGA")[0][0] == 1, 30,
+             "the dead orchestrator's lease to lapse")
+    stuck = system.post(f"/sagas/{sid}/retry")
+    # B refused the connection: that is not a "wrote nothing" for the call its dead
+    # owner was making, so B's undo is tried too (and fails while B is down).
+    assert stuck.json()["status"] in ("COMPENSATING", "FAILED"), stuck.text
+    system.system.start("service_b")
+    wait_for(lambda: system.post(f"/sagas/{sid}/retry").json()["status"] == "COMPENSATED"
+             or system.status(sid) == "COMPENSATED", 60, "the saga to be compensated")
+    assert system.row_counts(sid) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    system.assert_all_or_nothing()

@@ -300,3 +300,13 @@ def test_a_broker_that_cannot_be_reached_is_named_in_the_warnings(make_system):
 
     found = wait_for(warnings, 30, "the relay to say it cannot reach the broker")
     assert all(f"not reachable at 127.0.0.1:{port}" in line for line in found), found
+
+
+def test_an_event_no_queue_takes_does_not_jam_the_relay(live_system):
+    # An event nobody is bound to, committed ahead of a registration's events.
+    live_system.query("INSERT INTO OUTBOX (service, saga_id, event, payload) "
+                      "VALUES ('A', 'nobody', 'registration.nobody.listens', '{}')")
+    resp = live_system.register()
+    assert resp.status_code == 200 and resp.json()["status"] == "COMPLETED", resp.text
+    wait_for(lambda: live_system.query("SELECT COUNT(*) FROM OUTBOX WHERE published_at IS NULL")
+             == [(0,)], 10, "every outbox row to be let go")

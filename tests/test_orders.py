@@ -154,3 +154,29 @@ def test_the_orchestrator_passes_on_the_orders_and_the_customers(live_system):
     for path in ("/saga-types/order/views/nope", "/saga-types/nope/views/orders"):
         resp = live_system.get(path)
         assert resp.status_code == 404 and resp.json()["field"] == "view"
+
+
+@pytest.mark.parametrize("how", ["choreographed", "orchestrated"])
+def test_a_step_after_the_charge_is_never_refused_only_retried(live_system, how):
+    # A says no to every second call: the order (1st) passes, the fulfilment (2nd) would
+    # be refused after the customer was charged. Past the pivot it is a failure, retried.
+    live_system.set_fault("A", mode="reject", every=2)
+    if how == "choreographed":
+        resp = place(live_system)
+    else:
+        resp = live_system.post("/sagas/start", json={"saga_type": "order", **SEED_ORDER})
+    assert resp.status_code == 200, resp.text
+    assert [o["status"] for o in orders(live_system)] == ["FULFILLED"]
+    assert customers(live_system)[1] == "450.00"
+    live_system.assert_invariants()
+
+
+def test_a_type_whose_step_after_the_pivot_could_refuse_does_not_load():
+    from saga.model import SagaType, Step, StepKind
+    from saga.participant.operations import Operation
+    op = Operation("x", ("A",), ("v",), lambda b: b, lambda c, s, v: {})
+    with pytest.raises(ValueError, match="after the pivot"):
+        SagaType("bad", "", (), (
+            Step("p", "x", lambda d: "A", lambda d, r: {"v": 1}, StepKind.RETRIABLE),
+            Step("q", "x", lambda d: "A", lambda d, r: {"v": 1}, StepKind.RETRIABLE)),
+            label=str, operations=(op,))

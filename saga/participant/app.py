@@ -20,7 +20,7 @@ from saga.participant.choreography import Choreography, step_service
 from saga.participant.core import Answer, Participant
 from saga.participant.events import Outbox
 from saga.answers import first_saga_of, request_hash
-from saga.definitions import SAGA_TYPES
+from saga.definitions import SAGA_TYPES, register
 from saga.errors import KnownStart
 from saga.serving import (WaitingRoom, database_error, install_error_handlers, new_app,
                           respond, serve, token_ok)
@@ -54,6 +54,8 @@ class SagaParticipant:
                  faults: FaultStore | None = None, saga_types=None):
         self.service = service
         self.settings = settings or load_settings()
+        if saga_types:
+            register(saga_types)
         self.saga_types = list(saga_types or SAGA_TYPES.values())
         self.faults = faults or FaultStore(initial_fault(self.settings.faults, service))
 

@@ -286,8 +286,9 @@ class Choreography:
             self.log_call(saga_type, cur, saga_id, k, "compensate", "success",
                           f"compensated ({answer.get('undone')})", event, attempt)
             if k == 0:
-                self.store.settle_choreographed(cur, saga_id, Status.COMPENSATED, 0)
-                insert_log(cur, [saga_event(saga_id, Status.COMPENSATED, "every step undone")])
+                if self.store.settle_choreographed(cur, saga_id, Status.COMPENSATED, 0):
+                    insert_log(cur, [saga_event(saga_id, Status.COMPENSATED,
+                                                "every step undone")])
             else:
                 Outbox.add(cur, self.service, saga_id, event_name(saga_type, k, UNDONE),
                            payload)

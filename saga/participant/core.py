@@ -64,7 +64,7 @@ class Participant:
             if known is not None:
                 return known
         mode, fault = self.faults.next_fault("invoke")
-        if mode == "fail":
+        if mode == "fail" or (mode == "reject" and not op.refuses):
             return injected_failure(fault)
         if mode == "reject":
             return self._refuse(saga_id, op, values,

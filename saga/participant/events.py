@@ -192,12 +192,19 @@ class Relay(BrokerThread):
                                       f"published {r['event']}", action="publish",
                                       event=r["event"]) for r in rows])
             for row in rows:
-                channel.basic_publish(
-                    exchange(self.settings), row["event"], row["payload"].encode(),
-                    mandatory=True, properties=pika.BasicProperties(
-                        delivery_mode=pika.DeliveryMode.Persistent,
-                        content_type="application/json", message_id=str(row["id"]),
-                        headers={EVENT_HEADER: row["event"]}))
+                try:
+                    channel.basic_publish(
+                        exchange(self.settings), row["event"], row["payload"].encode(),
+                        mandatory=True, properties=pika.BasicProperties(
+                            delivery_mode=pika.DeliveryMode.Persistent,
+                            content_type="application/json", message_id=str(row["id"]),
+                            headers={EVENT_HEADER: row["event"]}))
+                except pika.exceptions.UnroutableError:
+                    # No queue is bound to it, now or after any retry: published again
+                    # it would jam every event behind it. Said, and let go.
+                    log.error("relay %s: no queue takes event %s (saga %s, outbox row %s); "
+                              "dropped", self.service, row["event"], row["saga_id"],
+                              row["id"])
             Outbox.mark_published(cur, [r["id"] for r in rows])
             return len(rows)
 

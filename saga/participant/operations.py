@@ -33,6 +33,9 @@ class Operation:
     insert: Callable[[str, dict], tuple[str, tuple]] | None = None
     id_name: str | None = None
     refusal: Callable[[Exception, dict], "Refusal | None"] = lambda exc, values: None
+    # False for a step after the saga's pivot: nothing before it can be undone any more,
+    # so it must not say no (an injected "reject" strikes it as a failure instead).
+    refuses: bool = True
 
 
 def table_row(name: str, service: str, table: str, id_name: str, readers: dict) -> Operation:
