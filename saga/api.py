@@ -3,7 +3,7 @@ HTTP or Kafka), serves the operations API, the OpenAPI document and ui.html. The
 orchestrator.py runs it with the demo's saga types; `python -m saga.api` runs it with
 the types SAGA_TYPE_MODULES names."""
 
-import saga.common  # noqa: F401  (first: it loads the database driver, see saga/common.py)
+from saga.common import C_DRIVER  # noqa: F401  (first: it loads the database driver)
 
 import base64
 import binascii

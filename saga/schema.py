@@ -7,8 +7,7 @@ import argparse
 import os
 import sys
 
-import saga.common  # noqa: F401  (first: it loads the database driver)
-from saga.common import Database, load_settings
+from saga.common import Database, load_settings  # first: it loads the database driver
 
 HEADER = """\
 -- The saga database. Re-appliable (IF NOT EXISTS) and names no database:
