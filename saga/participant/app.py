@@ -207,15 +207,7 @@ class StepCalls:
             return self.flask_app(environ, start_response)
         status, body, after = self.serve(environ, action)
         data = json.dumps(body).encode()
-        if after == "crash":
-            log.warning("injected crash after commit: exiting")
-            os._exit(1)
-        if after == "drop":
-            log.warning("injected connection drop after commit")
-            sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
-            if sock is None:
-                os._exit(1)   # no way to cut just this connection: cut them all
-            sock.shutdown(socket.SHUT_RDWR)
+        strike_after_commit(after, environ)
         start_response(f"{status} {HTTPStatus(status).phrase}",
                        [("Content-Type", "application/json"),
                         ("Content-Length", str(len(data)))])
@@ -251,16 +243,22 @@ class StepCalls:
 
 def reply(answer: Answer):
     """The answer, after applying a fault that strikes once the work is committed."""
-    if answer.after == "crash":
+    strike_after_commit(answer.after, request.environ)
+    return jsonify(answer.body), answer.status
+
+
+def strike_after_commit(after: str, environ: dict) -> None:
+    """An injected fault that strikes once the call's work is committed, so the caller
+    never hears the answer: 'crash' ends the process, 'drop' cuts this connection."""
+    if after == "crash":
         log.warning("injected crash after commit: exiting")
         os._exit(1)
-    if answer.after == "drop":
-        sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
-        if sock is None:
-            os._exit(1)
+    if after == "drop":
         log.warning("injected connection drop after commit")
+        sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+        if sock is None:
+            os._exit(1)   # no way to cut just this connection: cut them all
         sock.shutdown(socket.SHUT_RDWR)
-    return jsonify(answer.body), answer.status
 
 
 def run_service(service: str) -> None:
