@@ -153,9 +153,6 @@ class SagaType:
     def service_of(self, step: int, data: dict) -> str:
         return self.steps[step].service(data)
 
-    def operation(self, op: str):
-        return next(o for o in self.operations if o.name == op)
-
 
 class _Probe(dict):
     """Stands in for a saga's input and results when a step's build is checked: any key
