@@ -91,8 +91,7 @@ class Engine:
     def _drive(self, saga: Saga, resumed: bool, due: bool = False) -> Saga:
         handed_over = False
         try:
-            if due and not self.store.take_back(saga):
-                log.info("saga %s: taken over while it waited; dropped here", saga.id)
+            if due and not self._take_back(saga):
                 return saga
             if saga.unsaved:
                 self._persist(saga, *saga.unsaved)
@@ -144,6 +143,25 @@ class Engine:
             heapq.heappush(self._schedule,
                            (time.monotonic() + saga.wait, next(self._order), saga))
             self._schedule_changed.notify()
+
+    def _take_back(self, saga: Saga) -> bool:
+        """Renew a due saga's lease before driving it. False if another owner took it
+        meanwhile, or if the database cannot be reached: the saga then waits a little
+        longer in the schedule (its lease still covers it; should the outage outlast
+        the lease, a peer takes it over and this one finds it gone)."""
+        try:
+            if self.store.take_back(saga):
+                return True
+        except (mysql.connector.Error, UnsupportedServer) as exc:
+            if not is_unavailable(exc):
+                raise
+            log.warning("saga %s: due, but its lease cannot be renewed (%s); trying again "
+                        "shortly", saga.id, exc)
+            saga.wait = backoff_delay(0.25, 1.0, 1)
+            self._park(saga)
+            return False
+        log.info("saga %s: taken over while it waited; dropped here", saga.id)
+        return False
 
     def waiting_count(self) -> int:
         with self._schedule_changed:

@@ -313,3 +313,27 @@ def test_sagas_waiting_on_a_dead_service_hold_no_driver_thread(make_system):
     for sid in waiting:
         assert system.wait_status(sid, timeout=30) == "COMPLETED"
     system.assert_money_conserved()
+
+
+def test_a_saga_due_while_the_database_is_down_waits_and_carries_on(make_system):
+    # Retries 1-2 s apart, a lease longer than the outage: the saga is waiting in the
+    # schedule (A keeps failing) when the database goes away, and comes due meanwhile.
+    system = make_system(SAGA_START_WAIT="0", SAGA_BACKOFF_BASE="2", SAGA_BACKOFF_MAX="2",
+                         SAGA_LEASE_SECONDS="10", SAGA_MAX_ATTEMPTS="5")
+    system.set_fault("A", mode="fail", next=1)
+    sid = system.start().json()["saga"]
+    wait_for(lambda: system.get("/health").json().get("waiting_sagas") == 1, 10,
+             "the saga to wait for its retry")
+    log_path = os.path.join(system.system.logdir, "orchestrator.log")
+
+    def log_text():
+        with open(log_path, encoding="utf-8") as f:
+            return f.read()
+
+    system.server.stop()
+    wait_for(lambda: f"saga {sid}: due" in log_text() or "unexpected error" in log_text(),
+             30, "the saga to come due while the database is down")
+    system.server.start()
+    assert system.wait_status(sid, timeout=60) == "COMPLETED"
+    assert "unexpected error" not in log_text()   # an outage is not a bug
+    system.assert_all_or_nothing()
