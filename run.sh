@@ -25,6 +25,9 @@ install_system_packages() {   # $1 = demo | test
     python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null \
       || missing+=(python3-venv)
     [ "$1" = test ] && ! have chromium && missing+=(chromium)
+    # the metrics test runs the real Prometheus; the cluster tests the real HAProxy
+    [ "$1" = test ] && ! have prometheus && missing+=(prometheus)
+    [ "$1" = test ] && ! have haproxy && missing+=(haproxy)
     [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || have rabbitmq-server || missing+=(rabbitmq-server)
     if [ ${#missing[@]} -gt 0 ]; then
       echo "==> installing ${missing[*]}"
