@@ -11,13 +11,13 @@ import json
 import os
 import sys
 import time
-from decimal import Decimal
 
 import urllib3
 from flask import Blueprint, current_app, jsonify, request, send_file
 from werkzeug.routing import BaseConverter
 
 from saga.common import SERVICES, Database, load_settings
+from saga import faults, metrics, tracing
 from saga.faults import parse_fault
 from saga.openapi import SPEC
 from saga.participant.choreography import redrive_undo
@@ -111,13 +111,18 @@ def start_saga(saga_type, body: dict):
     reject_unknown_fields(body, {f.name for f in saga_type.fields})
     data = saga_type.read_input(body)
     key = idempotency_key()
-    with o.waiting.seat():
+    # The saga's span: a caller's traceparent makes the saga part of the caller's trace.
+    with o.waiting.seat(), tracing.span(f"saga {saga_type.name}",
+                                        request.headers.get("traceparent"), tracing.SERVER,
+                                        **{"saga.type": saga_type.name}) as span:
         try:
             saga = o.engine.create(saga_type, data, key, request_hash(saga_type.name, data))
         except KnownStart as known:
             first = first_saga_of(known, o.engine.store)
+            span.set_attribute("saga.id", first.id)
             answer = o.poll_outcome(first, time.monotonic() + o.settings.start_wait)
             return respond(answer, repeated=True)
+        span.set_attribute("saga.id", saga.id)
         return respond(o.drive_and_answer(saga))
 
 
@@ -188,9 +193,9 @@ def list_sagas():
     saga_type = query_choice("type", tuple(SAGA_TYPES))
     mode = query_choice("mode", MODES)
     label = request.args.get("label")
-    username = request.args.get("username")
-    if username is not None:  # a registration is labelled by its username
-        saga_type, label = "registration", username
+    for typed in SAGA_TYPES.values():   # ?username=x: the registrations labelled x
+        if typed.label_param and request.args.get(typed.label_param) is not None:
+            saga_type, label = typed.name, request.args[typed.label_param]
     limit = query_int("limit", 50, 1, 500)
     offset = query_int("offset", 0, 0, 10_000_000)
     rows, more = orchestrator().engine.store.list_sagas(status, saga_type, label, mode,
@@ -271,7 +276,11 @@ def describe_type(saga_type) -> dict:
 
 @reading.get("/saga-types")
 def saga_types():
-    return jsonify({"saga_types": [describe_type(t) for t in SAGA_TYPES.values()]})
+    """The registered types, and for each configured service the operations it runs."""
+    return jsonify({"saga_types": [describe_type(t) for t in SAGA_TYPES.values()],
+                    "services": {s: [{"type": t.name, "op": op.name}
+                                     for t in SAGA_TYPES.values() for op in t.operations
+                                     if s in op.services] for s in SERVICES}})
 
 
 @reading.get("/log")
@@ -405,7 +414,7 @@ def operator_action(saga_id: str, decide):
     return respond(answer, 202 if answer["status"] in ACTIVE else 200)
 
 
-# --- services: faults, accounts ---------------------------------------------------------
+# --- services: faults, types' reads ---------------------------------------------------------
 
 services = Blueprint("services", __name__)
 
@@ -458,28 +467,32 @@ def type_view(name, view):
     return jsonify(answer), 502 if answer.get("status") == "down" else 200
 
 
-@services.get("/accounts")
-def accounts():
-    """Each service's account, read from the service that owns it, and their total;
-    `in_flight` is the money of transfers between their debit and their credit (or
-    refund), which the total does not hold meanwhile. The balances are read one service
-    after the other, not as one snapshot."""
-    quick = urllib3.Timeout(connect=orchestrator().settings.connect_timeout, read=2)
-    listed, complete = [], True
-    for service in SERVICES:
-        answer = service_call(service, "GET", "/accounts", timeout=quick)
-        if "accounts" in answer:
-            listed += [{k: a[k] for k in ("id", "service", "balance")} for a in answer["accounts"]]
-        else:
-            complete = False
-            listed.append({"id": service, "service": service, "balance": None,
-                           "error": answer.get("error", "unavailable")})
-    total = str(sum(Decimal(a["balance"]) for a in listed)) if complete else None
-    in_flight = sum((Decimal(data["amount"]) for data in
-                     orchestrator().engine.store.inputs_in_flight("transfer")),
-                    Decimal("0.00"))
-    return jsonify({"accounts": listed, "total": total, "in_flight": str(in_flight),
-                    "complete": complete})
+class OrchestratorReads:
+    """What a saga type's own reads at the orchestrator may use (its
+    orchestrator_routes): the configured services, a quick GET at one of them (a dict;
+    {"status": "down", "error": ...} when it does not answer), the saga store."""
+    services = SERVICES
+
+    def get(self, service: str, path: str) -> dict:
+        quick = urllib3.Timeout(connect=orchestrator().settings.connect_timeout, read=2)
+        return service_call(service, "GET", path, timeout=quick)
+
+    @property
+    def store(self):
+        return orchestrator().engine.store
+
+
+for _type in SAGA_TYPES.values():
+    if _type.orchestrator_routes:
+        services.register_blueprint(_type.orchestrator_routes(OrchestratorReads()))
+
+
+@services.get("/fault-modes")
+def fault_modes():
+    """What each fault mode a service can be set to does (the UI's fault panel)."""
+    return jsonify({"modes": [{"name": m.name, "description": m.description,
+                               "strikes": m.strikes, "commits": m.commits}
+                              for m in faults.MODES.values()]})
 
 
 # --- health, spec, UI --------------------------------------------------------------------
@@ -515,11 +528,15 @@ def ui():
 
 def create_app(settings=None, start_background: bool = True):
     settings = settings or load_settings()
+    tracing.setup("saga-orchestrator")
     app = new_app("orchestrator")
     app.url_map.converters["saga_id"] = SagaIdConverter
     app.extensions["orchestrator"] = Orchestrator(settings, start_background)
     for blueprint in (starting, reading, operating, services, basics):
         app.register_blueprint(blueprint)
+    engine = app.extensions["orchestrator"].engine
+    metrics.init_app(app, metrics.SagaCounts(
+        engine.store, metrics.saga_budget(SAGA_TYPES.values(), settings)))
 
     @app.after_request
     def cors(resp):

@@ -99,6 +99,9 @@ class Settings:
     drivers: int = 32
     consumers: int = 4                                  # event consumers per service process
     db_pool_size: int = 0                               # 0: sized from the thread counts
+    # Observability (README "Metrics and tracing").
+    log_format: str = "text"                            # or "json": one JSON object a line
+    metrics_dir: str = ""                               # "": the system's temp directory
 
 
 def load_settings() -> Settings:
@@ -137,11 +140,17 @@ def load_settings() -> Settings:
         drivers=_env("SAGA_DRIVERS", 32, int, 1, 1000),
         consumers=_env("SAGA_CONSUMERS", 4, int, 1, 64),
         db_pool_size=_env("SAGA_DB_POOL_SIZE", 0, int, 0, 1000),
+        log_format=_env("SAGA_LOG_FORMAT", "text"),
+        metrics_dir=_env("SAGA_METRICS_DIR", ""),
     )
     if s.faults not in ("seed", "off"):
         raise ConfigError(f"SAGA_FAULTS={s.faults!r}: expected 'seed' or 'off'")
     if s.transport not in ("http", "kafka"):
         raise ConfigError(f"SAGA_TRANSPORT={s.transport!r}: expected 'http' or 'kafka'")
+    if s.log_format not in ("text", "json"):
+        raise ConfigError(f"SAGA_LOG_FORMAT={s.log_format!r}: expected 'text' or 'json'")
+    if s.metrics_dir and not os.path.isdir(s.metrics_dir):
+        raise ConfigError(f"SAGA_METRICS_DIR={s.metrics_dir!r} is not a directory")
     return s
 
 

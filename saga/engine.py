@@ -18,8 +18,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import mysql.connector
 
+from saga import metrics, tracing
 from saga.common import Database, Settings, UnsupportedServer, backoff_delay, is_unavailable
 from saga.errors import HandOver, LostLease
+from saga.logs import SAGA_ID
 from saga.model import ACTIVE, Outcome, Saga, SagaType, Status, StepKind
 from saga.store import LogEntry, SagaStore, saga_event
 
@@ -90,6 +92,7 @@ class Engine:
 
     def _drive(self, saga: Saga, resumed: bool, due: bool = False) -> Saga:
         handed_over = False
+        named = SAGA_ID.set(saga.id)   # in this thread's log lines until it lets go
         try:
             if due and not self._take_back(saga):
                 return saga
@@ -125,6 +128,7 @@ class Engine:
             # The lease lapses without renewal and recovery resumes from the saved state.
             log.exception("saga %s: unexpected error, leaving it to recovery", saga.id)
         finally:
+            SAGA_ID.reset(named)
             if not handed_over:
                 with self._active_lock:
                     self._active[saga.id] -= 1
@@ -237,7 +241,9 @@ class Engine:
             saga.status = Status.FAILED
             saga.reason = f"compensation of {title(saga)} kept failing: {outcome.message}"
             entries.append(saga_event(saga.id, Status.FAILED, f"{saga.reason}; needs an operator"))
-            return self._persist(saga, entries)
+            self._persist(saga, entries)
+            log.error("saga %s FAILED, needs an operator: %s", saga.id, saga.reason)
+            return None
         return self._retry_later(saga, entries)
 
     def _begin_compensation(self, saga: Saga, outcome: Outcome, entries: list) -> None:
@@ -259,6 +265,7 @@ class Engine:
             if saga.type.compensation_gives_up:
                 saga.compensate_deadline = time.monotonic() + self.settings.compensate_for
         self._persist(saga, entries, new_compensation=True)
+        log.info("saga %s %s: %s", saga.id, saga.status, saga.reason)
 
     def _retry_later(self, saga: Saga, entries: list) -> None:
         cap = self.settings.backoff_max
@@ -293,8 +300,21 @@ class Engine:
         # A saga keeps the transport it started with, if this orchestrator has it.
         transport = self.transports.get(saga.transport) or \
             self.transports[self.settings.transport]
-        return transport.call(saga.service, action, {"saga_id": saga.id, **fields},
-                              saga.current.timeout)
+        service, op = saga.service, saga.current.op
+        # A child of the saga's own span, whichever orchestrator makes the call.
+        with tracing.span(f"{action} {service} {op}", saga.trace, tracing.CLIENT,
+                          **tracing.saga_attributes(saga.id, saga.type.name, saga.step + 1,
+                                                    saga.attempt, **{
+                                                        "saga.action": action,
+                                                        "saga.service": service,
+                                                        "saga.op": op,
+                                                        "saga.driver": self.owner})) as span:
+            outcome = transport.call(service, action, {"saga_id": saga.id, **fields},
+                                     saga.current.timeout, tracing.traceparent(span))
+            tracing.outcome(span, "success" if outcome.ok else
+                            "rejected" if outcome.refused else "failed", not outcome.ok)
+        metrics.step_called(service, op, action, outcome)
+        return outcome
 
     def _call_entry(self, saga: Saga, action: str, outcome: Outcome, status=None) -> LogEntry:
         if status is None:

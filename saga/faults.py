@@ -3,18 +3,106 @@ the shared counter that decides which call it strikes. The same settings apply t
 whether it arrives over HTTP, as a Kafka command or as a RabbitMQ event."""
 
 import json
+import logging
 import mmap
 import multiprocessing
+import os
 import random
+import time
 
 from saga.validation import ApiError, reject_unknown_fields
 
-# fail: 500 before the transaction; reject: a business "no" (422), recorded as a refusal;
-# drop: commit, then cut the connection (no answer); crash: commit, then the process
-# dies; hang: stall past the caller's read timeout, then carry on; slow: a short stall.
-FAULT_MODES = ("off", "fail", "reject", "drop", "crash", "hang", "slow")
-BEFORE_COMMIT = ("fail", "reject", "hang", "slow")
-AFTER_COMMIT = ("drop", "crash")
+log = logging.getLogger("saga")
+
+
+class FaultMode:
+    """One way a service misbehaves on purpose, the same whatever carried the call.
+    `before` runs before the call's transaction and says whether to go on, fail (500:
+    nothing written, worth a retry) or refuse (a business "no", recorded like a real
+    one); `after_commit` runs once the work is committed and its answer decided, and
+    asks the carrier (an HTTP connection, a Kafka command, a RabbitMQ delivery) to
+    crash or to drop the answer, so the caller never hears it."""
+    name = "off"
+    description = "no injected fault"
+    strikes = None        # "before" the transaction, "after" its commit, or None
+    commits = True        # whether the call's work is written
+
+    def before(self, fault: dict, read_timeout: float) -> str:
+        return GO_ON
+
+    def after_commit(self, carrier: "Carrier") -> None:
+        pass
+
+    def __repr__(self):
+        return f"<fault {self.name}>"
+
+
+GO_ON, FAIL, REFUSE = "go on", "fail", "refuse"
+
+
+class Fail(FaultMode):
+    name, strikes, commits = "fail", "before", False
+    description = "answers 500 before its transaction; the orchestrator retries"
+
+    def before(self, fault, read_timeout):
+        return FAIL
+
+
+class Reject(FaultMode):
+    name, strikes, commits = "reject", "before", False
+    description = "answers 422, a business “no”; not retried, the saga compensates"
+
+    def before(self, fault, read_timeout):
+        return REFUSE
+
+
+class Stall(FaultMode):
+    """Sleeps before the transaction for `seconds`, or its default, then carries on."""
+    strikes = "before"
+
+    def __init__(self, name: str, description: str, default):
+        self.name, self.description, self.default = name, description, default
+
+    def before(self, fault, read_timeout):
+        time.sleep(fault.get("seconds", self.default(read_timeout)))
+        return GO_ON
+
+
+class Drop(FaultMode):
+    name, strikes = "drop", "after"
+    description = "commits, then drops the connection; the caller never hears"
+
+    def after_commit(self, carrier):
+        log.warning("injected drop after commit: the answer is not sent")
+        carrier.drop()
+
+
+class Crash(FaultMode):
+    name, strikes = "crash", "after"
+    description = "commits, then its worker process exits (and is restarted)"
+
+    def after_commit(self, carrier):
+        log.warning("injected crash after commit: exiting")
+        carrier.crash()
+
+
+class Carrier:
+    """What carried a call, as an after-commit fault sees it."""
+
+    def crash(self) -> None:
+        os._exit(1)
+
+    def drop(self) -> None:
+        raise NotImplementedError
+
+
+OFF = FaultMode()
+MODES = {mode.name: mode for mode in (
+    OFF, Fail(), Reject(), Drop(), Crash(),
+    Stall("hang", "sleeps past the orchestrator's read timeout (seconds)",
+          lambda read_timeout: read_timeout * 2),
+    Stall("slow", "sleeps a little before answering (seconds)", lambda read_timeout: 0.2))}
+FAULT_MODES = tuple(MODES)
 FAULT_TARGETS = ("invoke", "compensate", "both")
 FAULT_FIELDS = ("mode", "every", "rate", "next", "seconds", "on")
 
@@ -103,14 +191,14 @@ class FaultStore:
             fault = self._read()["fault"]
         return fault["mode"] != "off" and fault["on"] in (action, "both")
 
-    def next_fault(self, action: str) -> tuple[str, dict]:
-        """Count this call and return (the mode to apply to it, 'off' for none; the
+    def next_fault(self, action: str) -> tuple[FaultMode, dict]:
+        """Count this call and return (the mode to apply to it, OFF for none; the
         setting it came from)."""
         with self._lock:
             state = self._read()
             fault = state["fault"]
             if fault["mode"] == "off" or fault["on"] not in (action, "both"):
-                return "off", fault
+                return OFF, fault
             state["calls"] += 1
             if "rate" in fault:
                 hit = random.random() < fault["rate"]
@@ -121,13 +209,4 @@ class FaultStore:
             else:
                 hit = state["calls"] % fault["every"] == 0
             self._write(state)
-            return (fault["mode"] if hit else "off"), fault
-
-
-def stall_seconds(mode: str, fault: dict, read_timeout: float) -> float:
-    """How long a hang or slow fault stalls the call."""
-    if mode == "hang":
-        return fault.get("seconds", read_timeout * 2)
-    if mode == "slow":
-        return fault.get("seconds", 0.2)
-    return 0.0
+            return (MODES[fault["mode"]] if hit else OFF), fault

@@ -1,7 +1,12 @@
 """What the orchestrator and the services share about Kafka: the topics, the client
 settings, and making sure the topics exist (a memory-only broker forgets them when it
 restarts). The database stays the source of truth: Kafka only carries commands and
-replies, and losing them all costs a retry, never a saga."""
+replies, and losing them all costs a retry, never a saga.
+
+KAFKA_BOOTSTRAP names one broker or several (comma-separated host:port): the client
+asks the first that answers for the cluster's brokers, so one dead entry costs nothing.
+On a cluster the topics are made with three replicas and min.insync.replicas=2, and
+every produce waits for acks=all: an acknowledged command or reply is on two brokers."""
 
 import logging
 
@@ -27,6 +32,8 @@ ATTEMPT_HEADER = "x-saga-attempt"
 # Settings measured against Tansu 0.6.0, the broker of the demo and the tests (see
 # tools/brokers.py); all are valid for any Kafka cluster.
 PRODUCER = {
+    # Acknowledged only once every in-sync replica has it (with min.insync.replicas=2,
+    # at least two brokers): a broker's death loses no acknowledged message.
     "acks": "all",
     "linger.ms": 0,
     # Tansu reports a topic's end as the start of its last batch plus one: one message a
@@ -35,8 +42,10 @@ PRODUCER = {
     "socket.nagle.disable": True,
     "reconnect.backoff.max.ms": 500,
     # No enable.idempotence: after a broker restart Tansu answers UNKNOWN_PRODUCER_ID to
-    # every epoch bump and the producer wedges. A repeated command is harmless anyway:
-    # the services answer repeats from their ledger.
+    # every epoch bump and the producer wedges. Nothing here needs it: a command or reply
+    # sent twice (a producer retry, a resend after a timeout) is answered from the
+    # ledger, and one saga has one command in flight, so order within a partition does
+    # not matter either.
     "message.timeout.ms": 5000,
 }
 CONSUMER = {
@@ -74,12 +83,31 @@ def all_topics(settings: Settings) -> dict[str, int]:
     return topics
 
 
+# Replicas of each topic on a cluster, and how many must hold a message before acks=all
+# answers: one broker may die (or be restarted for an upgrade) without losing or
+# refusing a message.
+REPLICATION_FACTOR = 3
+MIN_INSYNC_REPLICAS = 2
+
+
+def replication(brokers: int) -> dict:
+    """NewTopic's replication settings for a cluster of `brokers` (one broker: one
+    replica, as the demo's and the tests' broker)."""
+    factor = min(REPLICATION_FACTOR, brokers)
+    config = {"min.insync.replicas": str(MIN_INSYNC_REPLICAS)} \
+        if factor >= REPLICATION_FACTOR else {}
+    return {"replication_factor": factor, "config": config}
+
+
 def ensure_topics(settings: Settings, admin: AdminClient | None = None) -> AdminClient:
     """Create whichever of the topics is missing (idempotent, cheap when all exist)."""
     admin = admin or AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     wanted = all_topics(settings)
-    existing = admin.list_topics(timeout=5).topics
-    missing = [NewTopic(name, count, 1) for name, count in wanted.items() if name not in existing]
+    metadata = admin.list_topics(timeout=5)
+    existing = metadata.topics
+    replicas = replication(len(metadata.brokers))
+    missing = [NewTopic(name, count, **replicas) for name, count in wanted.items()
+               if name not in existing]
     if missing:
         for future in admin.create_topics(missing, request_timeout=10).values():
             try:

@@ -43,7 +43,7 @@ class KafkaTransport:
         threading.Thread(target=self.reply_loop, name="kafka-replies", daemon=True).start()
 
     def call(self, service: str, action: str, fields: dict,
-             timeout: float | None = None) -> Outcome:
+             timeout: float | None = None, trace: str | None = None) -> Outcome:
         wait = timeout or self.settings.read_timeout
         started = time.monotonic()
         # Replies are read from the end of the topic: send nothing before listening.
@@ -59,6 +59,8 @@ class KafkaTransport:
             try:
                 self.producer.produce(command_topic(self.settings, service), value.encode(),
                                       key=fields["saga_id"].encode(),
+                                      headers=[("traceparent", trace.encode())] if trace
+                                      else None,
                                       on_delivery=lambda err, msg: self.delivered(waiter, err))
             except (BufferError, KafkaException) as exc:
                 return outcome(started, None, f"Kafka refused the command: {exc}",

@@ -103,11 +103,17 @@ class SagaType:
     choreography: Choreographed | None = None
     # service -> a Flask blueprint with the service's reads for this type (GET /accounts)
     routes: Callable[[str, Any], Any] | None = None
+    # reads -> a Flask blueprint of the orchestrator's own reads for this type, given
+    # what they may use (api.OrchestratorReads: the services, the saga store)
+    orchestrator_routes: Callable[[Any], Any] | None = None
+    # A query parameter of GET /sagas that means "of this type, labelled so" (username)
+    label_param: str | None = None
     colour: str = "#6b7280"            # how the UI tells it apart
     example: dict = field(default_factory=dict)   # an input that works (UI, docs)
     # name -> (service, path): a service's read that the orchestrator passes on at
     # GET /saga-types/<type>/views/<name> (the order's orders and customers)
     views: dict = field(default_factory=dict)
+    sample: Callable[[Any], dict] | None = None   # sample(random.Random) -> a varied input (chaos)
 
     def __post_init__(self):
         kinds = [s.kind for s in self.steps]
@@ -192,6 +198,8 @@ class Saga:
     # finish for the driver thread that carries on.
     hand_over_at: float | None = None
     unsaved: tuple | None = None
+    trace: str | None = None     # the W3C traceparent its calls are children of
+    started_at: float | None = None   # Unix time it started (its duration, in metrics)
 
     @property
     def current(self) -> Step:

@@ -115,7 +115,8 @@ SPEC = {
                 query("type", {"type": "string", "enum": SAGA_TYPE_NAMES}),
                 query("mode", {"type": "string", "enum": list(MODES)}),
                 query("label", {"type": "string"}),
-                query("username", {"type": "string"}),
+                *(query(t.label_param, {"type": "string"}) for t in SAGA_TYPES.values()
+                  if t.label_param),
                 query("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
                 query("offset", {"type": "integer", "minimum": 0, "maximum": 10000000}),
             ],
@@ -162,10 +163,15 @@ SPEC = {
             "responses": answers(_200=("LogList", "log rows, oldest first"),
                                  _400=("error", ""), _503=("error", "")),
         }},
-        "/accounts": {"get": {
+        **({"/accounts": {"get": {
             "summary": "Each service's account balance, read from the service, and the total",
             "responses": answers(_200=("Accounts", "every balance (complete: false when "
-                                                   "a service could not be read)"))}},
+                                                   "a service could not be read)"))}}}
+           if "transfer" in SAGA_TYPES else {}),
+        "/fault-modes": {"get": {
+            "summary": "What each fault mode does, and whether the call's work commits",
+            "responses": {"200": json_body({"type": "object", "required": ["modes"],
+                                            "properties": {"modes": {"type": "array"}}})}}},
         "/faults": {"get": {
             "summary": "Each service's failure-simulation setting",
             "responses": {"200": json_body({"type": "object",
@@ -186,6 +192,11 @@ SPEC = {
             "responses": answers(_200=("Health", "can serve"),
                                  _503=("Health", "database down")),
         }},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics (text format), every worker's counts added up",
+            "responses": {"200": {"description": "the metrics",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}},
+        },
         "/openapi.json": {"get": {"summary": "This document", "responses": {
             "200": json_body({"type": "object"})}}},
         "/": {"get": {"summary": "ui.html, the live monitor", "responses": {
@@ -209,7 +220,9 @@ SPEC = {
                                    "choreography_path": {"type": ["string", "null"]},
                                    "colour": {"type": "string"},
                                    "example": {"type": "object"},
-                                   "views": {"type": "object"}}}}}},
+                                   "views": {"type": "object"}}}},
+                "services": {"type": "object", "additionalProperties": {
+                    "type": "array", "items": {"type": "object", "required": ["type", "op"]}}}}},
             "Error": {"type": "object", "required": ["error"], "properties": {
                 "error": {"type": "string"}, "field": {"type": "string"}}},
             "SagaAnswer": {"type": "object", "required": ["saga", "status"], "properties": {

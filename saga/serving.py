@@ -13,7 +13,9 @@ from werkzeug.exceptions import HTTPException
 
 from saga.common import (C_DRIVER, ConfigError, Database, Settings, UnsupportedServer,
                     is_unavailable)
+from saga import metrics
 from saga.answers import answer_code, public
+from saga.logs import configure_logging, gunicorn_logger
 from saga.validation import MAX_BODY_BYTES, ApiError
 
 log = logging.getLogger("saga")
@@ -90,6 +92,7 @@ class WaitingRoom:
     def seat(self):
         with self.seat_if_free() as seated:
             if not seated:
+                metrics.start_refused("busy")
                 raise ApiError(f"{self.seats} requests are already waiting for their saga; "
                                "nothing was started, try again", status=503, retry_after=1)
             yield
@@ -130,11 +133,7 @@ def serve(app_factory, port: int, settings: Settings, name: str, preload: bool =
     (threads do not survive a fork)."""
     from gunicorn.app.base import BaseApplication
 
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s {name} %(levelname)s %(message)s")
-    logging.getLogger("mysql.connector").setLevel(logging.WARNING)
-    # pika logs every failed connection attempt as an ERROR; our loops say it once.
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    configure_logging(name, settings.log_format)
 
     class Server(BaseApplication):
         def load_config(self):
@@ -150,6 +149,10 @@ def serve(app_factory, port: int, settings: Settings, name: str, preload: bool =
             self.cfg.set("preload_app", preload)
             self.cfg.set("errorlog", "-")
             self.cfg.set("loglevel", "info")
+            self.cfg.set("logger_class", gunicorn_logger(name, settings.log_format))
+            # A worker that is gone keeps its counts; only its live gauges go.
+            self.cfg.set("child_exit",
+                         lambda server, worker: metrics.worker_exited(worker.pid))
             if on_worker_start:
                 self.cfg.set("post_worker_init", lambda worker: on_worker_start(worker.wsgi))
 

@@ -17,6 +17,7 @@ from saga.common import Database, commit_with, drain_results
 from saga.definitions import SAGA_TYPES
 from saga.errors import IllegalTransition, KnownStart, LostLease
 from saga.model import ACTIVE, TRANSITIONS, Saga, SagaType, Status
+from saga import metrics, tracing
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,15 @@ class LogEntry:
     attempt: int | None = None
     http_status: int | None = None
     elapsed_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A choreographed saga moved on (always true): what its metrics need once the
+    transaction that moved it has committed (metrics.saga_settled)."""
+    type: str
+    status: Status
+    started_at: float
 
 
 def saga_event(saga_id: str, status: str, message: str) -> LogEntry:
@@ -84,7 +94,8 @@ def log_insert_if_updated(entries) -> tuple[str, list]:
 
 SAGA_COLUMNS = (
     "id, type, mode, transport, status, step, attempt, input, results, failed_step, "
-    "reason, rejected, touched, fence, revision, "
+    "reason, rejected, touched, fence, revision, trace, "
+    "UNIX_TIMESTAMP(created_at) AS started_ts, "
     "GREATEST(0, TIMESTAMPDIFF(MICROSECOND, NOW(3), next_attempt_at)) AS wait_us, "
     "TIMESTAMPDIFF(MICROSECOND, NOW(3), compensate_until) AS left_us")
 ITEM_COLUMNS = ("id, type, mode, transport, status, step, attempt, label, input, "
@@ -103,7 +114,8 @@ def saga_from_row(row: dict, types=SAGA_TYPES) -> Saga:
         failed_step=row["failed_step"], reason=row["reason"], rejected=bool(row["rejected"]),
         touched=bool(row["touched"]), wait=row["wait_us"] / 1e6,
         compensate_deadline=None if left_us is None else time.monotonic() + left_us / 1e6,
-        saved_status=Status(row["status"]))
+        saved_status=Status(row["status"]), trace=row["trace"],
+        started_at=float(row["started_ts"]))
 
 
 def iso(ts: datetime | None) -> str | None:
@@ -158,14 +170,17 @@ class SagaStore:
             if known is None:  # purged between the two statements: a fresh start is fine
                 return self.create(saga_type, data, mode, transport, key, request_hash)
             raise KnownStart(known["saga_id"], known["request_hash"] == request_hash) from None
+        metrics.saga_started(saga_type.name, mode, transport)
         return saga
 
     @staticmethod
     def new_saga(saga_id: str, saga_type: SagaType, data: dict, mode: str,
                  transport: str) -> Saga:
+        # Its trace is the span it is started in (the start request's).
         return Saga(id=saga_id, type=saga_type, status=Status.RUNNING, step=0, attempt=1,
                     input=dict(data), fence=1, revision=1, mode=mode, transport=transport,
-                    saved_status=Status.RUNNING)
+                    saved_status=Status.RUNNING, trace=tracing.traceparent(),
+                    started_at=time.time())
 
     @staticmethod
     def insert_start_key(cur, key: str, request_hash: str, saga_id: str) -> None:
@@ -183,12 +198,12 @@ class SagaStore:
         logged, log_params = log_insert([saga_event(
             saga.id, "STARTED", f"{saga.type.name} started ({saga.mode}, {saga.transport})")])
         return ("INSERT INTO SAGA (id, type, mode, transport, status, step, attempt, input, "
-                "label, results, lease_owner, lease_until, fence, revision) VALUES (%s, %s, "
-                "%s, %s, 'RUNNING', 0, 1, %s, %s, '{}', %s, NOW(3) + INTERVAL %s MICROSECOND, "
-                f"1, 1); {logged}",
+                "label, results, lease_owner, lease_until, fence, revision, trace) VALUES "
+                "(%s, %s, %s, %s, 'RUNNING', 0, 1, %s, %s, '{}', %s, NOW(3) + INTERVAL %s "
+                f"MICROSECOND, 1, 1, %s); {logged}",
                 [saga.id, saga.type.name, saga.mode, saga.transport,
                  json.dumps(saga.input, ensure_ascii=False), saga.type.label(saga.input)[:255],
-                 owner, self.lease_us if owner else 0, *log_params])
+                 owner, self.lease_us if owner else 0, saga.trace, *log_params])
 
     @staticmethod
     def exists(cur, saga_id: str) -> bool:
@@ -211,6 +226,7 @@ class SagaStore:
         if saga.status not in TRANSITIONS[saga.saved_status]:
             raise IllegalTransition(f"{saga.id}: {saga.saved_status} -> {saga.status}")
         done = saga.status not in ACTIVE
+        finishes = done and saga.saved_status in ACTIVE
         gives_up = new_compensation and saga.type.compensation_gives_up
 
         def update(cur):
@@ -241,6 +257,9 @@ class SagaStore:
             # Our earlier attempt of this very save committed; nothing more to write.
 
         self.db.run(update, idempotent=True)
+        if finishes:
+            metrics.saga_finished(saga.type.name, saga.mode, saga.status,
+                                  metrics.saga_age(saga.started_at))
         saga.revision += 1
         saga.saved_status = saga.status
 
@@ -276,7 +295,9 @@ class SagaStore:
             cur.execute(f"SELECT {SAGA_COLUMNS} FROM SAGA WHERE id IN ({marks})", ids)
             return [saga_from_row(row) for row in cur.fetchall()]
 
-        return self.db.run(claim, attempts=1, read_committed=True)
+        claimed = self.db.run(claim, attempts=1, read_committed=True)
+        metrics.sagas_taken_over(len(claimed))
+        return claimed
 
     def take_back(self, saga: Saga) -> bool:
         """Renew the lease of a saga this orchestrator left waiting, now that its next
@@ -348,16 +369,17 @@ class SagaStore:
 
     def settle_choreographed(self, cur, saga_id: str, status: Status, step: int,
                              failed_step: str | None = None, reason: str | None = None,
-                             rejected: bool = False) -> bool:
+                             rejected: bool = False) -> Settled | None:
         """Move a choreographed saga on, inside the caller's transaction (the service
-        that learned the news). False if the move is not allowed from where it is, e.g. a
+        that learned the news). None if the move is not allowed from where it is, e.g. a
         redelivered event that was already taken into account. Entering COMPENSATING
         starts its compensation's time budget (SAGA_COMPENSATE_FOR), as in orchestration."""
-        cur.execute("SELECT status, type FROM SAGA WHERE id = %s FOR UPDATE", (saga_id,))
+        cur.execute("SELECT status, type, UNIX_TIMESTAMP(created_at) AS started_ts FROM SAGA "
+                    "WHERE id = %s FOR UPDATE", (saga_id,))
         row = cur.fetchone()
         if row is None or status not in TRANSITIONS[Status(row["status"])] \
                 or Status(row["status"]) == status:
-            return False
+            return None
         gives_up = status == Status.COMPENSATING and \
             SAGA_TYPES[row["type"]].compensation_gives_up
         cur.execute("UPDATE SAGA SET status = %s, step = %s, revision = revision + 1, "
@@ -366,15 +388,21 @@ class SagaStore:
                     "IF(%s, NOW(3) + INTERVAL %s MICROSECOND, compensate_until) WHERE id = %s",
                     (status.value, step, failed_step, reason, rejected, gives_up,
                      self.compensate_us, saga_id))
-        return True
+        return Settled(row["type"], status, float(row["started_ts"]))
 
-    def fail_overdue_choreographed(self, cur, saga_id: str, step: int, reason: str) -> bool:
+    def fail_overdue_choreographed(self, cur, saga_id: str, step: int,
+                                   reason: str) -> Settled | None:
         """Park a choreographed saga whose undo kept failing past its time budget: FAILED,
-        for an operator. False while it still has time (or is not compensating)."""
+        for an operator. None while it still has time (or is not compensating)."""
         cur.execute("UPDATE SAGA SET status = 'FAILED', step = %s, reason = %s, "
                     "revision = revision + 1 WHERE id = %s AND status = 'COMPENSATING' "
                     "AND compensate_until < NOW(3)", (step, reason[:1000], saga_id))
-        return cur.rowcount == 1
+        if cur.rowcount != 1:
+            return None
+        cur.execute("SELECT type, UNIX_TIMESTAMP(created_at) AS started_ts FROM SAGA "
+                    "WHERE id = %s", (saga_id,))
+        row = cur.fetchone()
+        return Settled(row["type"], Status.FAILED, float(row["started_ts"]))
 
     def retry_choreographed(self, cur, saga_id: str, reason: str) -> dict | None:
         """A FAILED choreographed saga back to COMPENSATING with a new time budget, for an
@@ -436,6 +464,21 @@ class SagaStore:
         with self.db.transaction() as cur:
             cur.execute(f"SELECT {ITEM_COLUMNS} FROM SAGA WHERE id = %s", (saga_id,))
             return cur.fetchone()
+
+    def count_by_status(self) -> tuple[dict[str, int], float]:
+        """How many sagas are in each status, and the age in seconds of the oldest
+        RUNNING or COMPENSATING one (0 if none is): for /metrics, at every scrape, so one
+        statement, read from the (status, created_at) index alone."""
+        with self.db.transaction() as cur:
+            cur.execute("SELECT status, COUNT(*) AS n, "
+                        "TIMESTAMPDIFF(MICROSECOND, MIN(created_at), NOW(3)) AS age_us "
+                        "FROM SAGA GROUP BY status")
+            rows = cur.fetchall()
+        counts = {row["status"]: row["n"] for row in rows}
+        oldest = max((row["age_us"] for row in rows
+                      if row["status"] in (Status.RUNNING.value, Status.COMPENSATING.value)),
+                     default=0)
+        return counts, max(0, oldest) / 1e6
 
     def inputs_in_flight(self, saga_type: str) -> list[dict]:
         """The input of each saga of the type whose first step may have landed while

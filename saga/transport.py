@@ -35,9 +35,10 @@ class HttpTransport:
         self.local = threading.local()
 
     def call(self, service: str, action: str, fields: dict,
-             timeout: float | None = None) -> Outcome:
+             timeout: float | None = None, trace: str | None = None) -> Outcome:
         """POST /invoke or /compensate to `service`, waiting `timeout` seconds for the
-        answer (SAGA_READ_TIMEOUT by default); never raises for a failed call."""
+        answer (SAGA_READ_TIMEOUT by default), with the call's `trace` (a traceparent);
+        never raises for a failed call."""
         started = time.monotonic()
         read_timeout = timeout or self.read_timeout
         conn, phase = self.connection(service), "connect"
@@ -48,7 +49,8 @@ class HttpTransport:
             conn.sock.settimeout(read_timeout)
             phase = "send"
             conn.request("POST", f"{self.targets[service].path.rstrip('/')}/{action}",
-                         json.dumps(fields).encode(), self.headers)
+                         json.dumps(fields).encode(),
+                         {**self.headers, "traceparent": trace} if trace else self.headers)
             phase = "read"
             resp = conn.getresponse()
             data = resp.read()

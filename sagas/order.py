@@ -151,6 +151,16 @@ def orders_balance(cur) -> list[str]:
     return wrong
 
 
+def sample(rng) -> dict:
+    """A varied order, for the chaos harness: mostly small ones (so that customers 1 and
+    2 can pay for hundreds), now and then one too dear, and some from customer 3
+    (nothing to pay with) or an unknown customer, which are refused."""
+    cents = rng.randint(1, 100) if rng.random() < 0.95 else rng.randint(10000, 60000)
+    price = cents / 100 if rng.random() < 0.25 else f"{cents // 100}.{cents % 100:02d}"
+    order = {"customer_id": rng.choice((1, 1, 2, 2, 3, 9)), "product_id": rng.randint(1, 50),
+             "quantity": rng.randint(1, 5), "total_price": price}
+    return {**order, "status": "pending"} if rng.random() < 0.5 else order
+
 
 SCHEMA = """\
 -- The order saga (seed 003): A's orders and B's customers. An order is PENDING until it
@@ -217,4 +227,5 @@ ORDER = SagaType(
     colour="#d97706",
     example={"customer_id": 1, "product_id": 1, "status": "pending", "quantity": 1,
              "total_price": "50.00"},
+    sample=sample,
 )

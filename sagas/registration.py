@@ -30,6 +30,15 @@ def all_or_nothing(cur) -> list[str]:
     return wrong
 
 
+PAYMENTS = ("Visa", "Mastercard", "Amex", "IBAN DE89 3704", "💳 card")
+
+
+def sample(rng) -> dict:
+    """A varied registration, for the chaos harness's clients."""
+    n = rng.randrange(10 ** 6)
+    return {"username": f"user-{n}", "address": f"{n} Chaos Street, Zoë-Stadt",
+            "payment": rng.choice(PAYMENTS)}
+
 
 SCHEMA = """\
 -- Business tables, one per service, as in the seed, plus the saga that made each row.
@@ -80,6 +89,7 @@ REGISTRATION = SagaType(
                   {"user_id": int_field, "payment_method": text_field}),
     ),
     label=lambda data: data["username"],
+    label_param="username",
     schema=SCHEMA,
     tables=TABLES,
     invariant=all_or_nothing,
@@ -87,4 +97,5 @@ REGISTRATION = SagaType(
     choreography=Choreographed("/register"),
     colour="#2563eb",
     example={"username": "john_doe", "address": "123 Main St", "payment": "Visa"},
+    sample=sample,
 )

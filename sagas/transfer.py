@@ -94,6 +94,35 @@ def service_routes(service: str, db) -> Blueprint:
     return routes
 
 
+def orchestrator_routes(reads) -> Blueprint:
+    """GET /accounts at the orchestrator: every service's account, read from the service
+    that owns it, and their total; `in_flight` is the money of transfers between their
+    debit and their credit (or refund), which the total does not hold meanwhile. The
+    balances are read one service after the other, not as one snapshot."""
+    routes = Blueprint("transfer_accounts", __name__)
+
+    @routes.get("/accounts")
+    def accounts():
+        listed, complete = [], True
+        for service in reads.services:
+            answer = reads.get(service, "/accounts")
+            if "accounts" in answer:
+                listed += [{k: a[k] for k in ("id", "service", "balance")}
+                           for a in answer["accounts"]]
+            else:
+                complete = False
+                listed.append({"id": service, "service": service, "balance": None,
+                               "error": answer.get("error", "unavailable")})
+        total = str(sum(Decimal(a["balance"]) for a in listed)) if complete else None
+        in_flight = sum((Decimal(data["amount"])
+                         for data in reads.store.inputs_in_flight("transfer")),
+                        Decimal("0.00"))
+        return jsonify({"accounts": listed, "total": total, "in_flight": str(in_flight),
+                        "complete": complete})
+
+    return routes
+
+
 def money_conserved(cur) -> list[str]:
     cur.execute("SELECT id, opening, balance FROM ACCOUNT")
     accounts = cur.fetchall()
@@ -112,6 +141,14 @@ def different_accounts(data: dict) -> None:
     if data["from"] == data["to"]:
         raise ApiError(f"to must be another account than from ({data['from']})", "to")
 
+
+def sample(rng) -> dict:
+    """A varied transfer, for the chaos harness: any two accounts, 0.01 to 300.00 (so
+    some find the funds short), now and then as a JSON number, the seed's spelling."""
+    source, target = rng.sample(SERVICES, 2)
+    cents = rng.randint(1, 30000)
+    return {"from": source, "to": target, "amount": cents / 100 if rng.random() < 0.25
+            else f"{cents // 100}.{cents % 100:02d}"}
 
 
 SCHEMA = """\
@@ -154,6 +191,8 @@ TRANSFER = SagaType(
     invariant=money_conserved,
     start_path="/transfer",
     routes=service_routes,
+    orchestrator_routes=orchestrator_routes,
     colour="#059669",
     example={"from": "A", "to": "B", "amount": "100.00"},
+    sample=sample,
 )

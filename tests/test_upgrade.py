@@ -58,6 +58,10 @@ def test_first_version_database_is_upgraded_and_its_sagas_carry_on(mariadb, tmp_
         assert live.query("SELECT column_type FROM information_schema.columns WHERE "
                           "table_schema = DATABASE() AND column_name = 'service' AND "
                           "table_name IN ('STEP_LEDGER', 'OUTBOX')") == [("varchar(40)",)] * 2
+        # A saga keeps its trace context (tracing): the upgrade added the column.
+        assert live.query("SELECT column_type FROM information_schema.columns WHERE "
+                          "table_schema = DATABASE() AND column_name = 'trace' AND "
+                          "table_name IN ('SAGA', 'OUTBOX')") == [("varchar(55)",)] * 2
         done = live.get("/sagas/done-1").json()
         assert done["status"] == "COMPLETED" and done["type"] == "registration"
         assert done["input"] == {"username": "ada", "address": "1 Old Rd", "payment": "Visa"}

@@ -4,7 +4,6 @@ service_c.py is this app with that service's operations."""
 
 import json
 import logging
-import os
 import socket
 from http import HTTPStatus
 import threading
@@ -14,8 +13,9 @@ import mysql.connector
 
 from flask import Blueprint, Flask, jsonify, request
 
+from saga import metrics, tracing
 from saga.common import Database, Settings, UnsupportedServer, load_settings, purge_interval
-from saga.faults import FaultStore, initial_fault, parse_fault
+from saga.faults import OFF, Carrier, FaultMode, FaultStore, initial_fault, parse_fault
 from saga.participant.choreography import Choreography, step_service
 from saga.participant.core import Answer, Participant
 from saga.participant.events import Outbox
@@ -63,6 +63,7 @@ class SagaParticipant:
         """`start_background_now=False` when the server forks after this (the demo's
         gunicorn preloads the app): its workers call start_background(app) instead."""
         service, settings, faults = self.service, self.settings, self.faults
+        tracing.setup(f"saga-service-{service.lower()}")
         # Calls hold a connection for one transaction; those beyond 16 at once wait
         # briefly. (With the orchestrator's 68, one of each process stays under MariaDB's
         # default of 151 connections.)
@@ -103,10 +104,14 @@ class SagaParticipant:
             reject_unknown_fields(body, {f.name for f in saga_type.fields})
             data = saga_type.read_input(body)
             key = idempotency_key()
-            with waiting.seat():
+            with waiting.seat(), tracing.span(f"saga {saga_type.name}",
+                                              request.headers.get("traceparent"),
+                                              tracing.SERVER,
+                                              **{"saga.type": saga_type.name}) as span:
                 try:
                     saga, first = choreography.start(saga_type, data, key,
                                                      request_hash(saga_type.name, data))
+                    span.set_attribute("saga.id", saga.id)
                 except KnownStart as known:
                     saga = first_saga_of(known, choreography.store)
                     return respond(choreography.wait(saga, settings.start_wait),
@@ -116,7 +121,7 @@ class SagaParticipant:
                                              f"step after {settings.max_attempts} attempts; "
                                              "nothing was written, try again "
                                              f"({first.body.get('error')})"}), 503
-                if first.after != "off":
+                if first.after.strikes == "after":
                     return reply(first)  # the injected fault strikes after the commit
                 return respond(choreography.wait(saga, settings.start_wait))
 
@@ -145,6 +150,7 @@ class SagaParticipant:
             return jsonify(faults.get())
 
         app.register_blueprint(routes)
+        metrics.init_app(app, metrics.OutboxBacklog(db, service))
         app.wsgi_app = StepCalls(app.wsgi_app, participant, settings)
         if start_background_now:
             start_background(app)
@@ -207,13 +213,13 @@ class StepCalls:
             return self.flask_app(environ, start_response)
         status, body, after = self.serve(environ, action)
         data = json.dumps(body).encode()
-        strike_after_commit(after, environ)
+        after.after_commit(Connection(environ))
         start_response(f"{status} {HTTPStatus(status).phrase}",
                        [("Content-Type", "application/json"),
                         ("Content-Length", str(len(data)))])
         return [data]
 
-    def serve(self, environ, action: str) -> tuple[int, dict, str]:
+    def serve(self, environ, action: str) -> tuple[int, dict, FaultMode]:
         try:
             if not token_ok(self.settings, environ.get("HTTP_AUTHORIZATION", "")):
                 raise ApiError("missing or wrong bearer token", status=401)
@@ -222,42 +228,49 @@ class StepCalls:
                 raise ApiError("Content-Type must be application/json, not "
                                f"{mimetype or 'missing'}", status=415)
             length = environ.get("CONTENT_LENGTH")
-            raw = environ["wsgi.input"].read(
-                min(int(length), MAX_BODY_BYTES + 1) if length else MAX_BODY_BYTES + 1)
+            try:
+                raw = environ["wsgi.input"].read(
+                    min(int(length), MAX_BODY_BYTES + 1) if length else MAX_BODY_BYTES + 1)
+            except OSError as exc:
+                # The caller went away mid-request (a balancer cutting off a call of a
+                # killed orchestrator): nothing was read, nothing is done.
+                log.info("caller went away during POST /%s: %s", action, exc)
+                return 400, {"error": f"request body cut off: {exc}"}, OFF
             if len(raw) > MAX_BODY_BYTES:
                 raise ApiError(f"request body is larger than {MAX_BODY_BYTES} bytes",
                                status=413)
             fields = parse_object(raw)
-            with self.participant.in_flight:
+            with self.participant.in_flight, self.participant.serving(
+                    environ.get("HTTP_TRACEPARENT"), action, fields) as span:
                 answer = getattr(self.participant, action)(fields)
+                tracing.outcome(span, str(answer.status), answer.status >= 500)
             return answer.status, answer.body, answer.after
         except ApiError as exc:
-            return exc.status, exc.body(), "off"
+            return exc.status, exc.body(), OFF
         except (mysql.connector.Error, UnsupportedServer) as exc:
             body, status = database_error(exc, f"POST /{action}")
-            return status, body, "off"
+            return status, body, OFF
         except Exception:
             log.exception("unexpected error on POST /%s", action)
-            return 500, {"error": "internal error"}, "off"
+            return 500, {"error": "internal error"}, OFF
 
 
 def reply(answer: Answer):
     """The answer, after applying a fault that strikes once the work is committed."""
-    strike_after_commit(answer.after, request.environ)
+    answer.after.after_commit(Connection(request.environ))
     return jsonify(answer.body), answer.status
 
 
-def strike_after_commit(after: str, environ: dict) -> None:
-    """An injected fault that strikes once the call's work is committed, so the caller
-    never hears the answer: 'crash' ends the process, 'drop' cuts this connection."""
-    if after == "crash":
-        log.warning("injected crash after commit: exiting")
-        os._exit(1)
-    if after == "drop":
-        log.warning("injected connection drop after commit")
-        sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+class Connection(Carrier):
+    """An HTTP call: dropping its answer cuts the client's connection."""
+
+    def __init__(self, environ: dict):
+        self.environ = environ
+
+    def drop(self) -> None:
+        sock = self.environ.get("gunicorn.socket") or self.environ.get("werkzeug.socket")
         if sock is None:
-            os._exit(1)   # no way to cut just this connection: cut them all
+            self.crash()   # no way to cut just this connection: cut them all
         sock.shutdown(socket.SHUT_RDWR)
 
 

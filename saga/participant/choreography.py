@@ -29,9 +29,13 @@ from dataclasses import dataclass
 import mysql.connector
 from mysql.connector import errorcode
 
+from saga import tracing
+from saga import metrics
 from saga.common import Settings, backoff_delay
+from saga.logs import saga_context
 from saga.participant.core import Participant
-from saga.participant.events import Consumer, DeadLetters, Outbox, Relay, Unreadable
+from saga.participant.events import (Consumer, DeadLetters, Outbox, Relay, RetryMover,
+                                     Unreadable, queue_type)
 from saga.answers import answer_from_store
 from saga.definitions import SAGA_TYPES
 from saga.errors import KnownStart
@@ -130,6 +134,9 @@ class Choreography:
         for n in range(self.settings.consumers):
             Consumer(self.service, self.settings, self.bindings, self.handle,
                      self.stopping, n, self.dead).start()
+        if queue_type(self.settings) == "quorum":
+            # quorum retry queues have no TTL: this process's mover empties them
+            RetryMover(self.service, self.settings, self.bindings, self.stopping).start()
 
     def published(self, cur=None) -> None:
         """Wake the relay once the transaction holding a new event has committed."""
@@ -159,13 +166,15 @@ class Choreography:
             begin(cur)
             self.emit_done(saga_type, cur, payload, 0, answer, None, 1)
 
+        ended = []   # the saga's end, when its first step is refused
+
         def on_refusal(cur, answer):
             begin(cur)
             self.log_call(saga_type, cur, saga_id, 0, "invoke", "rejected", answer["error"],
                           None, 1)
             reason = f"{step.name} rejected: {answer['error']}"
-            self.store.settle_choreographed(cur, saga_id, Status.COMPENSATED, 0, step.name,
-                                            reason, rejected=True)
+            ended[:] = [self.store.settle_choreographed(cur, saga_id, Status.COMPENSATED, 0,
+                                                        step.name, reason, rejected=True)]
             insert_log(cur, [saga_event(saga_id, Status.COMPENSATING, f"undoing: {reason}"),
                              saga_event(saga_id, Status.COMPENSATED,
                                         f"nothing to undo: {step.name} wrote nothing")])
@@ -188,6 +197,9 @@ class Choreography:
                                      attempt))
         if answer.status == 200:
             self.published()
+        if answer.status in (200, 422):   # the SAGA row committed with the step's outcome
+            metrics.saga_started(saga_type.name, saga.mode, saga.transport)
+            metrics.saga_settled(ended[0] if ended else None)
         return saga, answer
 
     def wait(self, saga, seconds: float) -> dict:
@@ -220,7 +232,7 @@ class Choreography:
 
     def handle(self, event: str, payload, attempt: int) -> str:
         check_event(payload)
-        with self.participant.in_flight:
+        with self.participant.in_flight, saga_context(payload["saga_id"]):
             return self.react(event, payload, attempt)
 
     def react(self, event: str, payload: dict, attempt: int) -> str:
@@ -228,6 +240,8 @@ class Choreography:
         if reaction is None or payload["type"] != saga_type.name:
             raise Unreadable(f"service {self.service} has no reaction to a "
                              f"{payload['type']} event {event}")
+        tracing.annotate(**{"saga.type": saga_type.name, "saga.step": reaction.step + 1,
+                            "saga.action": reaction.kind})
         if reaction.kind == "invoke":
             return self.run_step(saga_type, event, payload, reaction.step, attempt)
         if reaction.kind == "compensate":
@@ -258,7 +272,7 @@ class Choreography:
             # Done now, done before (a repeat), refused (its event is out) or given up.
             if answer.status == 200:
                 self.published()
-            return answer.after if answer.after != "off" else "done"
+            return answer.after   # the fault to strike after the commit (OFF: none)
         message = answer.body.get("error", f"HTTP {answer.status}")
         # A pivot that may have committed is only ever retried, never given up.
         if attempt < (step.attempts or self.settings.max_attempts) \
@@ -281,12 +295,15 @@ class Choreography:
     def undo_step(self, saga_type: SagaType, event: str, payload: dict, k: int,
                   attempt: int) -> str:
         saga_id, step = payload["saga_id"], saga_type.steps[k]
+        ended = []
 
         def on_commit(cur, answer):
             self.log_call(saga_type, cur, saga_id, k, "compensate", "success",
                           f"compensated ({answer.get('undone')})", event, attempt)
             if k == 0:
-                if self.store.settle_choreographed(cur, saga_id, Status.COMPENSATED, 0):
+                ended[:] = [self.store.settle_choreographed(cur, saga_id,
+                                                            Status.COMPENSATED, 0)]
+                if ended[0]:
                     insert_log(cur, [saga_event(saga_id, Status.COMPENSATED,
                                                 "every step undone")])
             else:
@@ -297,8 +314,9 @@ class Choreography:
         if answer.status == 200:
             self.published()
             if k == 0:
+                metrics.saga_settled(ended[0] if ended else None)
                 self.heard_end_of(saga_id)
-            return answer.after if answer.after != "off" else "done"
+            return answer.after   # the fault to strike after the commit (OFF: none)
         # An undo is retried, with backoff, until SAGA_COMPENSATE_FOR has passed since
         # the compensation began; then the saga is parked FAILED for an operator, whose
         # /retry sends this undo's event again (redrive_undo).
@@ -314,29 +332,34 @@ class Choreography:
         reason = f"compensation of {step.name} kept failing: {message}"
 
         def park(cur):
-            if not self.store.fail_overdue_choreographed(cur, saga_id, k, reason):
-                return False
+            settled = self.store.fail_overdue_choreographed(cur, saga_id, k, reason)
+            if not settled:
+                return None
             self.log_call(saga_type, cur, saga_id, k, "compensate", "failed", message, heard,
                           attempt)
             insert_log(cur, [saga_event(saga_id, Status.FAILED, f"{reason}; needs an operator")])
-            return True
+            return settled
 
         parked = self.db.run(park)
         if parked:
+            metrics.saga_settled(parked)
+            log.error("saga %s FAILED, needs an operator: %s", saga_id, reason)
             self.heard_end_of(saga_id)
-        return parked
+        return parked is not None
 
     def finish(self, saga_type: SagaType, event: str, payload: dict) -> str:
         saga_id = payload["saga_id"]
 
         def complete(cur):
-            if self.store.settle_choreographed(cur, saga_id, Status.COMPLETED,
-                                               len(saga_type.steps) - 1):
+            settled = self.store.settle_choreographed(cur, saga_id, Status.COMPLETED,
+                                                      len(saga_type.steps) - 1)
+            if settled:
                 self.store.save_results(cur, saga_id, payload["results"])
                 insert_log(cur, [saga_event(saga_id, Status.COMPLETED,
                                             f"all steps committed (heard {event})")])
+            return settled
 
-        self.db.run(complete)
+        metrics.saga_settled(self.db.run(complete))
         self.heard_end_of(saga_id)
         return "done"
 

@@ -6,14 +6,14 @@ any business rule or injected fault, so a refusal can never follow a commit."""
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 
 import mysql.connector
 from mysql.connector import errorcode
 
+from saga import metrics, tracing
 from saga.common import Database, Settings
-from saga.faults import AFTER_COMMIT, FaultStore, stall_seconds
+from saga.faults import FAIL, OFF, REFUSE, FaultMode, FaultStore
 from saga.participant.ledger import COMPENSATED, INVOKED, REFUSED, Ledger
 from saga.participant.operations import Operation, Refusal
 from saga.validation import ApiError, reject_unknown_fields, saga_id_field
@@ -23,11 +23,11 @@ log = logging.getLogger("saga")
 
 @dataclass(frozen=True)
 class Answer:
-    """What to answer, and a fault to strike once it is decided ('drop' or 'crash':
-    the carrier makes sure the caller never hears it)."""
+    """What to answer, and the fault to strike once it is decided (its after_commit:
+    a crash or a dropped answer, so the caller never hears it)."""
     status: int
     body: dict
-    after: str = "off"
+    after: FaultMode = OFF
 
 
 class Participant:
@@ -40,6 +40,14 @@ class Participant:
         self.in_flight = InFlight()
         self.status = {}   # name -> callable: what /health adds (e.g. the Kafka worker's)
 
+    def serving(self, parent: str | None, action: str, fields: dict, kind=tracing.SERVER,
+                **more):
+        """The span of one call or event this service serves: a child of its caller's."""
+        op = fields.get("op", self.default_op)
+        return tracing.span(f"{action} {self.service} {op}", parent, kind,
+                            **{"saga.id": str(fields.get("saga_id")), "saga.service": self.service,
+                               "saga.op": str(op), "saga.action": action, **more})
+
     def operation(self, fields: dict) -> Operation:
         name = fields.get("op", self.default_op)
         if name not in self.operations:
@@ -49,6 +57,7 @@ class Participant:
 
     # -- invoke ------------------------------------------------------------------------
 
+    @metrics.participant_call("invoke")
     def invoke(self, fields: dict, on_commit=None, on_refusal=None) -> Answer:
         """Run the step once. `on_commit(cur, answer)` and `on_refusal(cur, answer)` run
         inside the transaction that records the outcome (a choreography writes its next
@@ -64,12 +73,12 @@ class Participant:
             if known is not None:
                 return known
         mode, fault = self.faults.next_fault("invoke")
-        if mode == "fail" or (mode == "reject" and not op.refuses):
+        verdict = mode.before(fault, self.settings.read_timeout)
+        if verdict == FAIL or (verdict == REFUSE and not op.refuses):
             return injected_failure(fault)
-        if mode == "reject":
+        if verdict == REFUSE:
             return self._refuse(saga_id, op, values,
                                 Refusal("rejected: injected business rejection"), on_refusal)
-        time.sleep(stall_seconds(mode, fault, self.settings.read_timeout))
 
         def work(cur):
             # The business write first, then its ledger entry with the answer. A repeat
@@ -108,7 +117,7 @@ class Participant:
                 503, {"error": "the step's first call left no ledger entry; try again"})
         except Refusal as refusal:
             return self._refuse(saga_id, op, values, refusal, on_refusal)
-        if mode in AFTER_COMMIT and answer.status == 200:
+        if answer.status == 200:
             return Answer(answer.status, answer.body, mode)
         return answer
 
@@ -165,6 +174,7 @@ class Participant:
 
     # -- compensate --------------------------------------------------------------------
 
+    @metrics.participant_call("compensate")
     def compensate(self, fields: dict, on_commit=None) -> Answer:
         """Undo the step (or make sure it never happens). `on_commit(cur, answer)` runs
         inside the transaction that records it, not for a repeat."""
@@ -179,12 +189,12 @@ class Participant:
             if done is not None:
                 return done
         mode, fault = self.faults.next_fault("compensate")
-        if mode == "fail":
+        verdict = mode.before(fault, self.settings.read_timeout)
+        if verdict == FAIL:
             return injected_failure(fault)
-        if mode == "reject":
+        if verdict == REFUSE:
             return Answer(422, {"error": "rejected: injected rejection of a compensation",
                                 "fault": fault})
-        time.sleep(stall_seconds(mode, fault, self.settings.read_timeout))
 
         def work(cur):
             nothing = {"status": "compensated", "saga_id": saga_id, "op": op.name,
@@ -205,7 +215,7 @@ class Participant:
             return Answer(200, answer)
 
         answer = self.db.run(work, idempotent=True)
-        return Answer(answer.status, answer.body, mode if mode in AFTER_COMMIT else "off")
+        return Answer(answer.status, answer.body, mode)
 
     def give_up(self, saga_id: str, op_name: str, on_commit) -> bool:
         """A step that kept failing before it could commit: make sure it never will (a

@@ -36,6 +36,8 @@ from saga.common import C_DRIVER, Settings, UnsupportedServer
 from saga.kafka_io import (ATTEMPT_HEADER, CONSUMER, PARKED_HEADER, PRODUCER, client_config,
                       command_topic, dead_letter_topic, ensure_topics, partition_count,
                       reply_topic, topic_id)
+from saga import tracing
+from saga.faults import Carrier
 from saga.participant.core import Answer, Participant
 from saga.validation import ApiError
 
@@ -292,16 +294,19 @@ class CommandWorker(threading.Thread):
             consumer.commit(message=message, asynchronous=True)
             return
         try:
-            answer = self.run_command(command)
+            with self.participant.serving(tracing.header_value(message.headers()),
+                                          command["action"], command["fields"],
+                                          tracing.CONSUMER) as span:
+                answer = self.run_command(command)
+                tracing.outcome(span, str(answer.status), answer.status >= 500)
         except Exception as exc:
             log.exception("kafka commands %s: a command failed unforeseen", self.service)
             self.park(producer, message, f"handler failed: {type(exc).__name__}: {exc}")
             consumer.commit(message=message, asynchronous=True)
             return
-        if answer.after == "crash":
-            log.warning("injected crash after commit: exiting")
-            os._exit(1)
-        if answer.after != "drop":
+        command_carrier = Command()
+        answer.after.after_commit(command_carrier)
+        if not command_carrier.dropped:
             reply = {"id": command["id"], "status": answer.status, "body": answer.body,
                      "by": self.me}
             # Not waited for: a reply that is lost costs the orchestrator a timeout
@@ -387,3 +392,11 @@ def read_command(message) -> dict:
     if not isinstance(command["fields"].get("saga_id"), str):
         raise Unreadable("fields.saga_id must be a string")
     return command
+
+
+class Command(Carrier):
+    """A Kafka command: dropping its answer is not sending the reply."""
+    dropped = False
+
+    def drop(self) -> None:
+        self.dropped = True
