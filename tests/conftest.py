@@ -26,7 +26,7 @@ from saga.kafka_io import COMMAND_PARTITIONS  # noqa: E402
 from saga.definitions import SAGA_TYPES  # noqa: E402
 from saga.participant.events import dead_letter_queue, retry_delays, retry_queue, service_queue  # noqa: E402
 from brokers import PrivateKafka, PrivateRabbitMQ  # noqa: E402
-from launcher import PrivateMariaDB, System, wait_for  # noqa: E402
+from launcher import PrivateMariaDB, System, query_once, wait_for  # noqa: E402
 
 # Short timeouts and backoff so failure paths run in well under a second each.
 TEST_ENV = {
@@ -172,13 +172,7 @@ class LiveSystem:
                                        time_zone="+00:00", **options)
 
     def query(self, sql, params=()):
-        conn = self.connect(autocommit=True)
-        try:
-            cur = conn.cursor()
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.with_rows else cur.rowcount
-        finally:
-            conn.close()
+        return query_once(self.connect(autocommit=True), sql, params)
 
     def row_counts(self, saga_id=None):
         where, params = ("WHERE saga_id = %s", (saga_id,)) if saga_id else ("", ())

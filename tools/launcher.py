@@ -44,6 +44,17 @@ def wait_for(condition, timeout, what, interval=0.05):
         time.sleep(interval)
 
 
+def query_once(conn, sql, params=()):
+    """One statement on a connection of its own, which it closes: the rows, or the
+    count of rows changed."""
+    try:
+        cur = conn.cursor()
+        cur.execute(sql, params)
+        return cur.fetchall() if cur.with_rows else cur.rowcount
+    finally:
+        conn.close()
+
+
 class PrivateMariaDB:
     """A throwaway MariaDB server in its own data directory, on its own port, so tests
     can restart or kill the database without touching the machine's own server."""
