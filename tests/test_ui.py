@@ -1,8 +1,9 @@
 """The live monitor, ui.html, in a real browser (the machine's Chromium, headless, driven
 by Playwright) against the real processes and database: served at /, opened from disk,
 updating live, starting registrations and transfers, showing balances, timelines of any
-saga type and a choreographed saga's event flow, tailing SAGA_LOG without losing a late
-row, changing faults, running operator actions, and never treating data as markup. Every
+saga type and a choreographed saga's event flow, a saga as a sequence diagram in every
+mode and transport, tailing SAGA_LOG without losing a late row, describing services and
+fault modes as the orchestrator does, changing faults, running operator actions, and never treating data as markup. Every
 wait is a Playwright expectation that polls; nothing sleeps.
 
 `python tests/test_ui.py --update-csp` refreshes the script and style hashes in ui.html's
@@ -14,6 +15,7 @@ import os
 import re
 import shutil
 import sys
+from datetime import datetime
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
@@ -22,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UI = os.path.join(ROOT, "ui.html")
 ARTIFACTS = os.path.join(ROOT, "test-artifacts")
 DOC_SCREENSHOT = os.path.join(ROOT, "docs", "screenshot.png")
+DOC_SEQUENCE = os.path.join(ROOT, "docs", "sequence.png")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 WAIT_MS = 25_000  # ceiling for one expectation; they return as soon as the page shows it
@@ -850,6 +853,231 @@ def test_a_failed_choreographed_saga_is_retried_from_the_page(live_system, ui):
     expect(page.locator("#action-msg")).to_contain_text("Now COMPENSATED")
     status_of(row(page, sid), "COMPENSATED")
     assert live_system.row_counts(sid) == {"TABLE_A": 0, "TABLE_B": 0, "TABLE_C": 0}
+    ui.assert_clean()
+
+
+# --- the sequence diagram ---------------------------------------------------------------
+
+def arrows(page):
+    return page.locator("#seq .msg")
+
+
+def log_rows(system, saga_id):
+    """The saga's SAGA_LOG rows, every column, in order."""
+    conn = system.connect()
+    try:
+        cur = conn.cursor(dictionary=True)
+        cur.execute("SELECT * FROM SAGA_LOG WHERE saga_id = %s ORDER BY id", (saga_id,))
+        return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def as_shown(row):
+    """A SAGA_LOG row as its arrow's tooltip lists it: each column that holds something,
+    in the table's order, times in UTC to the millisecond as the API gives them."""
+    shown = []
+    for column, value in row.items():
+        if value is None or value == "":
+            continue
+        if isinstance(value, datetime):
+            value = value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+        shown.append([column, str(value)])
+    return shown
+
+
+def expected_arrows(rows, choreographed=False, broker=None):
+    """(kind, from, to, via, log id) for each arrow the diagram must draw, in order."""
+    out = []
+    for r in rows:
+        if r["service"] == "SAGA":
+            out.append(("note", None, None, None, r["id"]))
+        elif choreographed and r["action"] == "publish":
+            out.append(("event", r["service"], broker, None, r["id"]))
+        elif choreographed and r["event"]:
+            out.append(("deliver", broker, r["service"], None, r["id"]))
+        elif choreographed:
+            out.append(("local", r["service"], r["service"], None, r["id"]))
+        else:
+            out.append(("call", "orchestrator", r["service"], broker, r["id"]))
+            out.append(("answer", r["service"], "orchestrator", broker, r["id"]))
+    return out
+
+
+def drawn_arrows(page):
+    return [tuple(a) for a in arrows(page).evaluate_all(
+        "gs => gs.map(g => [g.dataset.kind, g.dataset.from || null, g.dataset.to || null, "
+        "g.dataset.via || null, Number(g.dataset.logId)])")]
+
+
+def lane_names(page):
+    """Each lane's participant, as its heading's tooltip names it (a narrow heading may
+    show a short name)."""
+    return page.locator("#seq .lane > title").evaluate_all(
+        "ts => ts.map(t => t.textContent.split(':')[0])")
+
+
+def tooltip_of(page, arrow):
+    """Hover an arrow; the rows its tooltip lists, as [column, value] pairs."""
+    arrow.hover()
+    tip = page.locator("#seq-tip")
+    expect(tip).to_be_visible()
+    expect(tip.locator("h4")).to_have_text(f"SAGA_LOG row {arrow.get_attribute('data-log-id')}")
+    return tip.locator("dl").evaluate(
+        "dl => Array.from(dl.querySelectorAll('dt')).map(dt => [dt.textContent, dt.nextElementSibling.textContent])")
+
+
+def show_saga(page, saga_id, status):
+    saga_row = row(page, saga_id)
+    status_of(saga_row, status)
+    saga_row.click()
+    expect(page.locator("#detail-id")).to_have_text(saga_id)
+    status_of(page.locator("#detail-badge"), status)
+
+
+def test_sequence_diagram_shows_calls_retries_and_compensations_in_order(live_system, ui):
+    # A fails once (then its retry commits), B commits, C refuses: B then A are undone.
+    live_system.set_fault("A", mode="fail", next=1)
+    live_system.set_fault("C", mode="reject")
+    resp = live_system.start({"username": "drawn", "address": "8 Arrow Ln", "payment": "Visa"})
+    assert resp.status_code == 409, resp.text
+    sid = resp.json()["saga"]
+    rows = log_rows(live_system, sid)
+
+    page = ui.open(live_system.url + "/")
+    show_saga(page, sid, "COMPENSATED")
+    seq = page.locator("#seq")
+    expect(seq).to_have_attribute("data-lanes", "orchestrator A B C")
+    assert lane_names(page) == ["Orchestrator", "A", "B", "C"]
+    expect(seq).to_have_attribute("aria-label", re.compile(
+        r"^Sequence diagram, one lane each for Orchestrator, A, B and C; 12 arrows"))
+    expect(page.locator("#seq-box")).to_have_accessible_name("Sequence")
+    # Every call and its answer, and the saga's own state changes, in SAGA_LOG order.
+    expected = expected_arrows(rows)
+    expect(arrows(page)).to_have_count(len(expected))
+    assert drawn_arrows(page) == expected
+    notes = seq.locator(".msg.k-note")
+    assert notes.evaluate_all("gs => gs.map(g => g.dataset.status)") == ["STARTED", "COMPENSATING", "COMPENSATED"]
+    # A's first attempt failed with a 500, its second one committed.
+    first = seq.locator('.msg[data-kind="answer"][data-service="A"][data-attempt="1"][data-action="invoke"]')
+    expect(first).to_have_attribute("data-status", "failed")
+    expect(first.locator(".lbl")).to_have_text(re.compile(r"^failed 500 · \d+ ms$"))
+    retry = seq.locator('.msg[data-kind="call"][data-service="A"][data-attempt="2"][data-action="invoke"]')
+    expect(retry).to_have_attribute("aria-label", re.compile(
+        r"^Orchestrator to service A \(call\): user, attempt 2 — SAGA_LOG row \d+"))
+    refused = seq.locator('.msg[data-kind="answer"][data-service="C"]')
+    expect(refused).to_have_attribute("data-status", "rejected")
+    expect(refused.locator(".lbl")).to_have_text(re.compile(r"^rejected 422 · \d+ ms$"))
+    # The compensations: B, then A, in reverse order of the steps.
+    undo = seq.locator('.msg[data-kind="call"][data-action="compensate"]')
+    assert undo.evaluate_all("gs => gs.map(g => g.dataset.service)") == ["B", "A"]
+    expect(undo.first).to_have_class(re.compile(r"\bundo\b"))
+    expect(undo.first.locator(".lbl")).to_have_text("undo address")
+    # Hovering an arrow shows its SAGA_LOG row, as the table holds it.
+    by_id = {r["id"]: r for r in rows}
+    for arrow in (retry, refused, undo.last):
+        assert tooltip_of(page, arrow) == as_shown(by_id[int(arrow.get_attribute("data-log-id"))])
+    page.mouse.move(0, 0)
+    expect(page.locator("#seq-tip")).to_be_hidden()
+    # The keyboard walks the arrows, each showing its row.
+    arrows(page).first.focus()
+    page.keyboard.press("ArrowDown")
+    expect(arrows(page).nth(1)).to_be_focused()
+    expect(page.locator("#seq-tip h4")).to_have_text(f"SAGA_LOG row {expected[1][4]}")
+    ui.shot("sequence-http")
+    # The picture alone, for the README (with SAGA_UPDATE_SCREENSHOT=1).
+    page.keyboard.press("Escape")
+    expect(page.locator("#seq-tip")).to_be_hidden()
+    arrows(page).nth(1).blur()
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    path = os.path.join(ARTIFACTS, "sequence.png")
+    page.locator("#seq-box").screenshot(path=path)
+    if os.environ.get("SAGA_UPDATE_SCREENSHOT"):
+        os.makedirs(os.path.dirname(DOC_SEQUENCE), exist_ok=True)
+        shutil.copyfile(path, DOC_SEQUENCE)
+    ui.assert_clean()
+
+
+def test_sequence_diagram_over_kafka_runs_through_a_broker_lane(kafka_system, ui):
+    kafka_system.set_fault("B", mode="fail", next=1)
+    resp = kafka_system.start({"username": "via_kafka", "address": "9 Topic St", "payment": "Visa"})
+    assert resp.status_code == 200, resp.text
+    sid = resp.json()["saga"]
+    rows = log_rows(kafka_system, sid)
+
+    page = ui.open(kafka_system.url + "/")
+    show_saga(page, sid, "COMPLETED")
+    seq = page.locator("#seq")
+    expect(seq).to_have_attribute("data-lanes", "orchestrator kafka A B C")
+    assert lane_names(page) == ["Orchestrator", "Kafka", "A", "B", "C"]
+    expected = expected_arrows(rows, broker="kafka")
+    expect(arrows(page)).to_have_count(len(expected))
+    assert drawn_arrows(page) == expected  # every command and reply goes through Kafka
+    retried = seq.locator('.msg[data-kind="answer"][data-service="B"]')
+    expect(retried).to_have_count(2)
+    expect(retried.first).to_have_attribute("data-status", "failed")
+    expect(retried.last).to_have_attribute("data-attempt", "2")
+    # A reply over Kafka has no HTTP code to show.
+    expect(retried.last.locator(".lbl")).to_have_text(re.compile(r"^success · \d+ ms$"))
+    expect(retried.last).to_have_attribute("aria-label", re.compile(
+        r"^service B to Orchestrator through Kafka \(answer\): success"))
+    assert tooltip_of(page, retried.last) == as_shown(rows[[r["id"] for r in rows].index(
+        int(retried.last.get_attribute("data-log-id")))])
+    ui.shot("sequence-kafka")
+    ui.assert_clean()
+
+
+def test_sequence_diagram_of_a_choreography_shows_its_events_through_rabbitmq(live_system, ui):
+    live_system.set_fault("C", mode="fail")
+    resp = live_system.register({"username": "chor_drawn", "address": "5 Event St", "payment": "Visa"})
+    assert resp.status_code == 502, resp.text
+    sid = resp.json()["saga"]
+    rows = log_rows(live_system, sid)
+
+    page = ui.open(live_system.url + "/")
+    show_saga(page, sid, "COMPENSATED")
+    seq = page.locator("#seq")
+    # No orchestrator in the path: the services and the broker between them.
+    expect(seq).to_have_attribute("data-lanes", "rabbitmq A B C")
+    assert lane_names(page) == ["RabbitMQ", "A", "B", "C"]
+    expected = expected_arrows(rows, choreographed=True, broker="rabbitmq")
+    expect(arrows(page)).to_have_count(len(expected))
+    assert drawn_arrows(page) == expected
+    events = seq.locator('.msg[data-kind="event"] .lbl')
+    expect(events).to_have_text(["user.done", "address.done", "payment.failed", "address.undone"])
+    # Three deliveries of address.done to C, each failing, then the undo by events: B, A.
+    to_c = seq.locator('.msg[data-kind="deliver"][data-to="C"]')
+    assert to_c.evaluate_all("gs => gs.map(g => [g.dataset.attempt, g.dataset.status])") == [
+        ["1", "failed"], ["2", "failed"], ["3", "failed"]]
+    expect(to_c.last).to_have_attribute("aria-label", re.compile(
+        r"^RabbitMQ to service C \(delivery\): address\.done → payment, attempt 3: failed"))
+    undo = seq.locator('.msg[data-action="compensate"]')
+    assert undo.evaluate_all("gs => gs.map(g => g.dataset.to)") == ["B", "A"]
+    expect(undo.first).to_have_attribute("aria-label", re.compile(
+        r"^RabbitMQ to service B \(delivery\): payment\.failed → undo address: success — SAGA_LOG row"))
+    expect(undo.first).to_have_class(re.compile(r"\bundo\b"))
+    assert tooltip_of(page, to_c.nth(1)) == as_shown(rows[[r["id"] for r in rows].index(
+        int(to_c.nth(1).get_attribute("data-log-id")))])
+    ui.shot("sequence-choreography")
+    ui.assert_clean()
+
+
+def test_services_and_fault_modes_are_described_by_the_orchestrator(live_system, ui):
+    described = live_system.get("/saga-types").json()["services"]
+    modes = live_system.get("/fault-modes").json()["modes"]
+    page = ui.open(live_system.url + "/")
+    expect(page.locator("#svc-list")).to_have_text("services " + " · ".join(described))
+    for service, ops in described.items():
+        by_type = {}
+        for entry in ops:
+            by_type.setdefault(entry["type"], []).append(entry["op"])
+        expect(page.locator(f"#svc-{service}-ops")).to_have_text(
+            ", ".join(f"{t}.{'/'.join(dict.fromkeys(names))}" for t, names in by_type.items()))
+    names = [m["name"] for m in modes]
+    expect(fault_form(page, "A").get_by_label("Mode").locator("option")).to_have_text(names)
+    expect(page.locator("#mode-help dt")).to_have_text(names)
+    expect(page.locator("#mode-help dd")).to_have_text(
+        [re.compile("^" + re.escape(m["description"])) for m in modes])
     ui.assert_clean()
 
 
