@@ -5,6 +5,8 @@
 # and for scripts:
 #   ./run.sh upgrade       move an existing saga_db made by an earlier version to this layout
 #   ./run.sh broker kafka|rabbitmq PORT   a private, throwaway broker in the foreground
+#   ./run.sh cluster       HAProxy, 2 orchestrators, 2 of each service, a MariaDB primary +
+#                          replica (MHA) and 3 RabbitMQ nodes, in the foreground
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -17,7 +19,7 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
-install_system_packages() {   # $1 = demo | test
+install_system_packages() {   # $1 = demo | test | cluster
   if have apt-get; then
     local missing=()
     have mariadbd || have mysqld || missing+=(mariadb-server)
@@ -28,6 +30,14 @@ install_system_packages() {   # $1 = demo | test
     # the metrics test runs the real Prometheus; the cluster tests the real HAProxy
     [ "$1" = test ] && ! have prometheus && missing+=(prometheus)
     [ "$1" = test ] && ! have haproxy && missing+=(haproxy)
+    # the database failover test: MHA (over ssh to the nodes, on loopback)
+    [ "$1" = test ] && ! have masterha_manager && missing+=(mha4mysql-manager mha4mysql-node)
+    [ "$1" = test ] && ! have sshd && missing+=(openssh-server)
+    # the cluster: HAProxy in front of every process and of the database pair, whose
+    # failover is MHA's (it reaches each database host over SSH: a private sshd)
+    [ "$1" = cluster ] && ! have haproxy && missing+=(haproxy)
+    [ "$1" = cluster ] && ! have masterha_manager && missing+=(mha4mysql-manager)
+    [ "$1" = cluster ] && ! have sshd && missing+=(openssh-server)
     [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || have rabbitmq-server || missing+=(rabbitmq-server)
     if [ ${#missing[@]} -gt 0 ]; then
       echo "==> installing ${missing[*]}"
@@ -35,6 +45,7 @@ install_system_packages() {   # $1 = demo | test
     fi
   elif have brew; then
     have mariadbd || have mysqld || { echo "==> brew install mariadb"; brew install mariadb; }
+    [ "$1" = cluster ] && ! have haproxy && { echo "==> brew install haproxy"; brew install haproxy; }
     have rabbitmq-server || { echo "==> brew install rabbitmq"; brew install rabbitmq; }
   else
     echo "Install MariaDB (or MySQL) and python3 yourself, then run this again." >&2
@@ -148,6 +159,14 @@ case "${1:-}" in
     setup_venv
     exec .venv/bin/python tools/brokers.py "$2" "$3"
     ;;
+  cluster)
+    shift
+    install_system_packages cluster
+    install_rabbitmq
+    setup_venv
+    echo "==> starting the cluster under .cluster/ (Ctrl-C stops it all)"
+    exec .venv/bin/python tools/cluster.py up "$@"
+    ;;
   test)
     shift
     install_system_packages test
@@ -155,7 +174,7 @@ case "${1:-}" in
     exec .venv/bin/python -m pytest "$@"
     ;;
   *)
-    echo "usage: $0 demo | test [pytest args] | upgrade | broker kafka|rabbitmq PORT" >&2
+    echo "usage: $0 demo | test [pytest args] | upgrade | broker kafka|rabbitmq PORT | cluster" >&2
     exit 2
     ;;
 esac

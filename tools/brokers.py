@@ -137,6 +137,15 @@ class _Broker:
         """Start the broker and return once a real client request succeeds."""
         if self.alive():
             return self
+        self.launch()
+        self.wait_started()
+        return self
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (a cluster starts its nodes together:
+        a restarted node may wait for its peers before it opens its port)."""
+        if self.alive():
+            return
         if accepts_tcp(self.port):
             raise RuntimeError(f"{self.kind}: port {self.port} is already in use")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -149,6 +158,8 @@ class _Broker:
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True)
         _running.add(self)
+
+    def wait_started(self) -> None:
         try:
             wait_for(self.is_ready_or_dead, self.start_timeout, f"{self.kind} on port {self.port}")
         except Exception as exc:
@@ -158,7 +169,6 @@ class _Broker:
         except BaseException:  # Ctrl-C while waiting: do not leave the broker behind
             self.kill()
             raise
-        return self
 
     def is_ready_or_dead(self) -> bool:
         if not self.alive():
