@@ -307,8 +307,7 @@ class Engine:
                                                     saga.attempt, **{
                                                         "saga.action": action,
                                                         "saga.service": service,
-                                                        "saga.op": op,
-                                                        "saga.driver": self.owner})) as span:
+                                                        "saga.op": op})) as span:
             outcome = transport.call(service, action, {"saga_id": saga.id, **fields},
                                      saga.current.timeout, tracing.traceparent(span))
             tracing.outcome(span, "success" if outcome.ok else

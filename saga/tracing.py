@@ -13,11 +13,11 @@ function call, not the SDK."""
 
 import logging
 import os
-from contextlib import contextmanager
-
+import socket
+from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace import (NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode,
+                                 TraceFlags)
 
 log = logging.getLogger("saga")
 
@@ -27,7 +27,6 @@ ENABLED = EXPORTER != "none"
 CLIENT, SERVER, PRODUCER, CONSUMER = (SpanKind.CLIENT, SpanKind.SERVER, SpanKind.PRODUCER,
                                       SpanKind.CONSUMER)
 
-_propagator = TraceContextTextMapPropagator()
 _tracer = None
 
 
@@ -58,7 +57,11 @@ def setup(default_name: str) -> None:
     else:
         exporter = ConsoleSpanExporter()
     name = os.environ.get("OTEL_SERVICE_NAME") or default_name
-    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    # Which process made a span is the resource's (said once per batch, not per span):
+    # an orchestrator's instance id is the start of its owner id in /health.
+    provider = TracerProvider(resource=Resource.create({
+        "service.name": name,
+        "service.instance.id": f"{socket.gethostname()[:30]}:{os.getpid()}"}))
     # The batch processor starts its thread again in a forked worker by itself.
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
@@ -90,15 +93,47 @@ def span(name: str, parent: str | None = None, kind=SpanKind.INTERNAL, **attribu
     header's value) if given, else of the current span (a new trace if none)."""
     if _tracer is None:
         return OFF
-    return _span(name, parent, kind, attributes)
+    return _Span(name, parent, kind, attributes)
 
 
-@contextmanager
-def _span(name, parent, kind, attributes):
-    context = _propagator.extract({"traceparent": parent}) if parent else None
-    with _tracer.start_as_current_span(name, context=context, kind=kind,
-                                       attributes=attributes) as current:
-        yield current
+class _Span:
+    """The SDK's start_as_current_span without its layers of context managers: on
+    every step call, that is most of what a span costs."""
+    __slots__ = ("name", "parent", "kind", "attributes", "span", "token")
+
+    def __init__(self, name, parent, kind, attributes):
+        self.name, self.parent, self.kind, self.attributes = name, parent, kind, attributes
+
+    def __enter__(self):
+        self.span = _tracer.start_span(self.name, context=_context_of(self.parent),
+                                       kind=self.kind, attributes=self.attributes)
+        self.token = otel_context.attach(trace.set_span_in_context(self.span))
+        return self.span
+
+    def __exit__(self, exc_type, exc, tb):
+        otel_context.detach(self.token)
+        if exc is not None:
+            self.span.set_status(Status(StatusCode.ERROR, f"{exc_type.__name__}: {exc}"))
+        self.span.end()
+        return False
+
+
+def _context_of(parent: str | None):
+    """The context whose span is a remote parent, from its traceparent (None: none, or
+    not a valid one, and the span starts under the current one)."""
+    if not parent:
+        return None
+    parts = parent.split("-")
+    try:
+        if len(parts) != 4 or parts[0] != "00":
+            raise ValueError
+        context = SpanContext(int(parts[1], 16), int(parts[2], 16), is_remote=True,
+                              trace_flags=TraceFlags(int(parts[3], 16) & 1))
+    except ValueError:
+        return None
+    if not context.is_valid:
+        return None
+    return trace.set_span_in_context(NonRecordingSpan(context))
 
 
 def saga_attributes(saga_id: str, saga_type: str, step: int | None = None,
@@ -130,10 +165,10 @@ def traceparent(current=None) -> str | None:
     """The W3C traceparent of a span (the current one by default), None when off."""
     if _tracer is None or current is OFF:
         return None
-    carrier = {}
-    context = trace.set_span_in_context(current) if current is not None else None
-    _propagator.inject(carrier, context=context)
-    return carrier.get("traceparent")
+    context = (current or trace.get_current_span()).get_span_context()
+    if not context.is_valid:
+        return None
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
 
 def header_value(headers, name: str = "traceparent") -> str | None:

@@ -33,6 +33,7 @@ def spans_of(request: ExportTraceServiceRequest) -> list[dict]:
                     "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
                     "parent_id": span.parent_span_id.hex() or None, "name": span.name,
                     "kind": span.kind, "service": resource.get("service.name"),
+                    "instance": resource.get("service.instance.id"),
                     "start_ns": span.start_time_unix_nano, "end_ns": span.end_time_unix_nano,
                     "error": span.status.code == 2,
                     "attributes": {a.key: any_value(a.value) for a in span.attributes}})
