@@ -50,18 +50,26 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval:
         time.sleep(interval)
 
 
+_handed_out: set[int] = set()
+
+
 def pick_free_port() -> int:
     """A port free right now, drawn below the kernel's ephemeral range (32768 and up):
     a port the kernel hands out for port 0 is also what it picks for outgoing
-    connections, which could take it before the server we start binds it."""
+    connections, which could take it before the server we start binds it. Never the
+    same port twice in one process: a port picked for a server that has not bound it
+    yet is still free, and a second pick could draw it again."""
     while True:
         port = random.randint(20000, 32000)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
 
 
 def accepts_tcp(port: int) -> bool:
