@@ -61,7 +61,7 @@ import common  # noqa: E402,F401  (the driver first, and the demo's saga types)
 import mysql.connector  # noqa: E402
 import requests  # noqa: E402
 
-from brokers import PrivateRabbitMQ  # noqa: E402
+from brokers import PrivateRabbitMQ, list_descendants  # noqa: E402
 from launcher import PrivateMariaDB, System, find_binary, free_port, wait_for  # noqa: E402
 from saga.common import SERVICES  # noqa: E402
 from saga.definitions import SAGA_TYPES  # noqa: E402
@@ -339,7 +339,17 @@ class Cluster:
         db = self.db_env()
         lines.append(f"database:       {db['SAGA_DB_HOST']}:{db['SAGA_DB_PORT']}/"
                      f"{db['SAGA_DB_NAME']} ({type(self.database).__name__})")
+        for role in ("primary", "replica"):   # the pair's nodes, to kill -9 by hand
+            node = getattr(self.database, role, None)
+            if node is not None and getattr(node, "proc", None) is not None:
+                lines.append(f"  MariaDB {role:<7} 127.0.0.1:{node.port}  pid {node.proc.pid}")
         lines.append(f"RabbitMQ:       {self.broker_url()}")
+        for i, node in enumerate(getattr(self.broker, "nodes", None) or []):
+            proc = getattr(node, "proc", None)
+            beam = [p for p in (list_descendants(proc.pid) if proc else [])
+                    if "beam" in _command(p)]
+            lines.append(f"  RabbitMQ node {i}  127.0.0.1:{node.port}  "
+                         f"pid {beam[0] if beam else (proc.pid if proc else '-')}")
         return "\n".join(lines)
 
     def stop(self):
@@ -591,6 +601,14 @@ def scan_logs(logdir):
                          "")
             found.append(f"{name}: {line.strip()[:160]} ... {error[:120]}")
     return found
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 # --- chaos ---------------------------------------------------------------------------------
