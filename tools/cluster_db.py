@@ -63,25 +63,9 @@ class ReplicatedMariaDB(PrivateMariaDB):
         super().__init__(basedir)
         self.server_id = server_id
 
-    def install(self):
-        try:
-            super().install()
-        except subprocess.CalledProcessError as exc:
-            raise RuntimeError(f"mariadb-install-db failed in {self.datadir}:\n"
-                               f"{(exc.stderr or b'').decode(errors='replace')}") from exc
-
-    def start(self):
-        user = ["--user=root"] if os.geteuid() == 0 else []
-        self.log_path = os.path.join(self.basedir, "mariadb.log")
-        self.proc = subprocess.Popen(
-            [find_binary("mariadbd", "mysqld"),
-             f"--defaults-file={os.path.join(DEPLOY, 'node.cnf')}",
-             f"--server-id={self.server_id}", f"--datadir={self.datadir}",
-             f"--socket={self.socket}", f"--port={self.port}",
-             f"--pid-file={os.path.join(self.basedir, 'mariadb.pid')}",
-             f"--log-error={self.log_path}", *user],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self._accepts, 60, "MariaDB to accept connections", 0.1)
+    def options(self):
+        return [f"--defaults-file={os.path.join(DEPLOY, 'node.cnf')}",
+                f"--server-id={self.server_id}"]
 
     def variable(self, name, status=False):
         rows = self.root(f"SHOW GLOBAL {'STATUS' if status else 'VARIABLES'} LIKE '{name}'")

@@ -71,22 +71,32 @@ class PrivateMariaDB:
     def install(self):
         os.makedirs(self.datadir, exist_ok=True)
         user = ["--user=root"] if os.geteuid() == 0 else []
-        subprocess.run([find_binary("mariadb-install-db", "mysql_install_db"), "--no-defaults",
-                        f"--datadir={self.datadir}", "--auth-root-authentication-method=normal",
-                        "--skip-test-db", *user],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            subprocess.run([find_binary("mariadb-install-db", "mysql_install_db"),
+                            "--no-defaults", f"--datadir={self.datadir}",
+                            "--auth-root-authentication-method=normal", "--skip-test-db", *user],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeError(f"mariadb-install-db failed in {self.datadir}:\n"
+                               f"{(exc.stderr or b'').decode(errors='replace')}") from exc
+
+    def options(self) -> list[str]:
+        """How the server runs, beyond where it keeps its files. The first is where its
+        defaults come from (--no-defaults): mariadbd reads that only as its first option."""
+        return ["--no-defaults", "--bind-address=127.0.0.1", "--skip-name-resolve",
+                "--innodb-buffer-pool-size=256M", "--innodb-flush-log-at-trx-commit=1",
+                "--max-connections=500",
+                *([f"--version={self.version}"] if self.version else [])]
 
     def start(self):
         user = ["--user=root"] if os.geteuid() == 0 else []
         self.log_path = os.path.join(self.basedir, "mariadb.log")
+        defaults, *options = self.options()
         self.proc = subprocess.Popen(
-            [find_binary("mariadbd", "mysqld"), "--no-defaults", f"--datadir={self.datadir}",
-             f"--socket={self.socket}", f"--port={self.port}", "--bind-address=127.0.0.1",
+            [find_binary("mariadbd", "mysqld"), defaults, f"--datadir={self.datadir}",
+             f"--socket={self.socket}", f"--port={self.port}",
              f"--pid-file={os.path.join(self.basedir, 'mariadb.pid')}",
-             f"--log-error={self.log_path}", "--skip-name-resolve",
-             "--innodb-buffer-pool-size=256M", "--innodb-flush-log-at-trx-commit=1",
-             "--max-connections=500", *user,
-             *([f"--version={self.version}"] if self.version else [])],
+             f"--log-error={self.log_path}", *options, *user],
             env={**os.environ, **({"TZ": self.tz} if self.tz else {})},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self._accepts, 60, "MariaDB to accept connections", 0.1)
