@@ -88,6 +88,7 @@ class Settings:
     transport: str = "http"
     kafka_bootstrap: str = "127.0.0.1:9092"
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    rabbitmq_queue_type: str = ""                       # "": by the number of nodes (events.py)
     # Beyond the interface contract: recovery, retention and server tuning (README).
     lease_seconds: float = 2.0
     recovery_interval: float = 0.5
@@ -130,6 +131,7 @@ def load_settings() -> Settings:
         kafka_bootstrap=_env("KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
         # "off": no choreography (no relay, no consumers, /register answers 503).
         rabbitmq_url=_env("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
+        rabbitmq_queue_type=_env("RABBITMQ_QUEUE_TYPE", "").strip().lower(),
         lease_seconds=_env("SAGA_LEASE_SECONDS", 2.0, float, 0.1, 3600),
         recovery_interval=_env("SAGA_RECOVERY_INTERVAL", 0.5, float, 0.01, 3600),
         backoff_base=_env("SAGA_BACKOFF_BASE", 0.1, float, 0, 3600),
@@ -147,6 +149,9 @@ def load_settings() -> Settings:
         raise ConfigError(f"SAGA_FAULTS={s.faults!r}: expected 'seed' or 'off'")
     if s.transport not in ("http", "kafka"):
         raise ConfigError(f"SAGA_TRANSPORT={s.transport!r}: expected 'http' or 'kafka'")
+    if s.rabbitmq_queue_type not in ("", "classic", "quorum"):
+        raise ConfigError(f"RABBITMQ_QUEUE_TYPE={s.rabbitmq_queue_type!r}: expected "
+                          "'classic' or 'quorum'")
     if s.log_format not in ("text", "json"):
         raise ConfigError(f"SAGA_LOG_FORMAT={s.log_format!r}: expected 'text' or 'json'")
     if s.metrics_dir and not os.path.isdir(s.metrics_dir):

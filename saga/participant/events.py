@@ -29,7 +29,6 @@ service's queue."""
 
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -39,7 +38,7 @@ import mysql.connector
 import pika
 import pika.exceptions
 
-from saga.common import ConfigError, Database, Settings, UnsupportedServer, backoff_delay
+from saga.common import Database, Settings, UnsupportedServer, backoff_delay
 from saga import tracing
 from saga.faults import Carrier, FaultMode
 from saga.logs import describe
@@ -92,21 +91,14 @@ def broker_urls(settings: Settings) -> list[str]:
     return [url.strip() for url in settings.rabbitmq_url.split(",") if url.strip()]
 
 
-QUEUE_TYPES = ("classic", "quorum")
-
-
 def queue_type(settings: Settings) -> str:
     """RABBITMQ_QUEUE_TYPE, or by default quorum when RABBITMQ_URL names several nodes
     and classic on one: a classic queue lives on one node, and while that node is down
     its events are refused (or, worse, dropped); a quorum queue is replicated on every
     node and serves while a majority is up. One node keeps classic queues, so an
     existing deployment's queues stay as they are."""
-    chosen = os.environ.get("RABBITMQ_QUEUE_TYPE", "").strip().lower()
-    if not chosen:
-        return "quorum" if len(broker_urls(settings)) > 1 else "classic"
-    if chosen not in QUEUE_TYPES:
-        raise ConfigError(f"RABBITMQ_QUEUE_TYPE={chosen!r}: expected 'classic' or 'quorum'")
-    return chosen
+    return settings.rabbitmq_queue_type or (
+        "quorum" if len(broker_urls(settings)) > 1 else "classic")
 
 
 # A quorum queue counts how often it handed a message out without getting an ack back
@@ -194,7 +186,7 @@ class BrokerThread(threading.Thread):
                  stopping: threading.Event):
         super().__init__(name=name, daemon=True)
         self.settings, self.bindings, self.stopping = settings, bindings, stopping
-        self.queue_type = queue_type(settings)   # a wrong setting stops the process here
+        self.queue_type = queue_type(settings)
 
     def run(self) -> None:
         failures = 0
