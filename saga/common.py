@@ -259,6 +259,9 @@ class Database:
             init_command="SET time_zone = '+00:00'",
             # UPDATE's rowcount counts matched rows, which the fencing check needs.
             client_flags=[ClientFlag.FOUND_ROWS])
+        # The driver would add the current span's traceparent to every statement as a
+        # query attribute (MariaDB ignores them): work on each statement, for nothing.
+        conn.otel_context_propagation = False
         if not self._version_checked:
             try:
                 check_server_version(conn.server_info or "")
