@@ -1,6 +1,7 @@
 """One OpenTelemetry trace per saga, configured by the standard variables only:
 OTEL_TRACES_EXPORTER (none, the default; otlp; console), OTEL_EXPORTER_OTLP_ENDPOINT and
-OTEL_EXPORTER_OTLP_PROTOCOL (http/protobuf), OTEL_SERVICE_NAME.
+OTEL_EXPORTER_OTLP_PROTOCOL (http/protobuf), OTEL_SERVICE_NAME, and the SDK's own
+(OTEL_TRACES_SAMPLER, OTEL_RESOURCE_ATTRIBUTES, OTEL_BSP_*, OTEL_EXPORTER_OTLP_HEADERS...).
 
 A saga's trace context is the start's span, stored with the saga (SAGA.trace), so every
 later call, by whichever orchestrator drives it after a takeover, is a child of it. Each
@@ -8,12 +9,16 @@ call carries its span's W3C `traceparent` (an HTTP header, a Kafka or RabbitMQ m
 header), and the participant's span is that span's child; an event written to the
 outbox keeps the context it was written in (OUTBOX.trace) for the relay to send on.
 
-With tracing off, `span()` hands back one shared do-nothing span: the hot path pays a
-function call, not the SDK."""
+The spans are this module's own `Span`: the SDK's sampler, ids, resource, batch processor
+and exporter decide and send them, but making one costs a third of the SDK's span (which
+locks, bounds and copies what these few spans never need). With tracing off, `span()`
+hands back one shared do-nothing span: the hot path pays a function call."""
 
 import logging
 import os
 import socket
+import time
+import traceback
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import (NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode,
@@ -27,17 +32,30 @@ ENABLED = EXPORTER != "none"
 CLIENT, SERVER, PRODUCER, CONSUMER = (SpanKind.CLIENT, SpanKind.SERVER, SpanKind.PRODUCER,
                                       SpanKind.CONSUMER)
 
-_tracer = None
+_sdk = None   # what makes and sends the spans, once set up: _Sdk
 
 
 class ConfigError(ValueError):
     pass
 
 
+class _Sdk:
+    """The parts of the SDK a span uses, read once."""
+
+    def __init__(self, provider, processor):
+        from opentelemetry.sdk.trace import Event, ReadableSpan
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        self.readable, self.event = ReadableSpan, Event
+        self.sampler, self.ids, self.resource = (provider.sampler, provider.id_generator,
+                                                 provider.resource)
+        self.processor = processor
+        self.scope = InstrumentationScope("saga")
+
+
 def setup(default_name: str) -> None:
     """Install the exporter OTEL_TRACES_EXPORTER names, for this process (once)."""
-    global _tracer
-    if not ENABLED or _tracer is not None:
+    global _sdk
+    if not ENABLED or _sdk is not None:
         return
     if EXPORTER not in EXPORTERS:
         raise ConfigError(f"OTEL_TRACES_EXPORTER must be one of {', '.join(EXPORTERS)}, "
@@ -52,8 +70,8 @@ def setup(default_name: str) -> None:
         if protocol != "http/protobuf":
             raise ConfigError("OTEL_EXPORTER_OTLP_PROTOCOL: only http/protobuf is "
                               f"supported, not {protocol!r}")
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        exporter = OTLPSpanExporter()   # OTEL_EXPORTER_OTLP_ENDPOINT, headers, timeout
+        from saga.otlp import SpanExporter
+        exporter = SpanExporter()   # OTEL_EXPORTER_OTLP_ENDPOINT, headers, timeout
     else:
         exporter = ConsoleSpanExporter()
     name = os.environ.get("OTEL_SERVICE_NAME") or default_name
@@ -63,9 +81,10 @@ def setup(default_name: str) -> None:
         "service.name": name,
         "service.instance.id": f"{socket.gethostname()[:30]}:{os.getpid()}"}))
     # The batch processor starts its thread again in a forked worker by itself.
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    processor = BatchSpanProcessor(exporter)
+    provider.add_span_processor(processor)   # (for spans of other libraries' tracers)
     trace.set_tracer_provider(provider)
-    _tracer = trace.get_tracer("saga")
+    _sdk = _Sdk(provider, processor)
     log.info("tracing: %s exporter, service.name %s", EXPORTER, name)
 
 
@@ -91,31 +110,118 @@ OFF = _Off()
 def span(name: str, parent: str | None = None, kind=SpanKind.INTERNAL, **attributes):
     """A span made current for the `with` block: the child of `parent` (a traceparent
     header's value) if given, else of the current span (a new trace if none)."""
-    if _tracer is None:
+    if _sdk is None:
         return OFF
-    return _Span(name, parent, kind, attributes)
+    return Span(name, parent, kind, attributes)
 
 
-class _Span:
-    """The SDK's start_as_current_span without its layers of context managers: on
-    every step call, that is most of what a span costs."""
-    __slots__ = ("name", "parent", "kind", "attributes", "span", "token")
+_SCALARS = (str, bool, int, float)
+
+
+class Span(trace.Span):
+    """A span of OpenTelemetry's API, sampled by the SDK's sampler like one of its own,
+    handed to its batch processor as a ReadableSpan when the `with` block ends. Not made
+    (nor its attributes bounded) by the SDK: a saga's spans carry a handful of scalar
+    attributes, so none of its limits can apply."""
+    __slots__ = ("name", "parent", "kind", "attributes", "context", "parent_context",
+                 "start", "status", "events", "links", "token", "ended")
 
     def __init__(self, name, parent, kind, attributes):
         self.name, self.parent, self.kind, self.attributes = name, parent, kind, attributes
+        self.status, self.events, self.links, self.ended = _UNSET, [], [], False
 
     def __enter__(self):
-        self.span = _tracer.start_span(self.name, context=_context_of(self.parent),
-                                       kind=self.kind, attributes=self.attributes)
-        self.token = otel_context.attach(trace.set_span_in_context(self.span))
-        return self.span
+        sdk, context = _sdk, _context_of(self.parent)
+        parent = trace.get_current_span(context).get_span_context()
+        if parent.is_valid:
+            trace_id, random_id = parent.trace_id, parent.trace_flags.random_trace_id
+        else:
+            parent, trace_id = None, sdk.ids.generate_trace_id()
+            random_id = sdk.ids.is_trace_id_random()
+        sampling = sdk.sampler.should_sample(context, trace_id, self.name, self.kind,
+                                             self.attributes)
+        flags = TraceFlags.SAMPLED if sampling.decision.is_sampled() else TraceFlags.DEFAULT
+        if random_id:
+            flags |= TraceFlags.RANDOM_TRACE_ID
+        self.context = SpanContext(trace_id, sdk.ids.generate_span_id(), is_remote=False,
+                                   trace_flags=TraceFlags(flags),
+                                   trace_state=sampling.trace_state)
+        self.parent_context = parent
+        if sampling.decision.is_recording():
+            self.attributes, self.start, current = dict(sampling.attributes), time.time_ns(), self
+        else:
+            self.ended, current = True, NonRecordingSpan(self.context)
+        self.token = otel_context.attach(trace.set_span_in_context(current))
+        return current
 
     def __exit__(self, exc_type, exc, tb):
         otel_context.detach(self.token)
         if exc is not None:
-            self.span.set_status(Status(StatusCode.ERROR, f"{exc_type.__name__}: {exc}"))
-        self.span.end()
+            self.set_status(Status(StatusCode.ERROR, f"{exc_type.__name__}: {exc}"))
+        self.end()
         return False
+
+    def end(self, end_time: int | None = None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        _sdk.processor.on_end(_sdk.readable(
+            self.name, self.context, self.parent_context, _sdk.resource, self.attributes,
+            tuple(self.events), tuple(self.links), self.kind, None, self.status, self.start,
+            end_time or time.time_ns(), _sdk.scope))
+
+    def get_span_context(self) -> SpanContext:
+        return self.context
+
+    def is_recording(self) -> bool:
+        return not self.ended
+
+    def set_attribute(self, key: str, value) -> None:
+        if self.ended:
+            return
+        if isinstance(value, (list, tuple)) and all(isinstance(v, _SCALARS) for v in value):
+            value = tuple(value)
+        elif not isinstance(value, _SCALARS):
+            log.warning("tracing: attribute %s dropped: %s is not a value OTLP carries",
+                        key, type(value).__name__)
+            return
+        self.attributes[key] = value
+
+    def set_attributes(self, attributes) -> None:
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
+
+    def add_event(self, name: str, attributes=None, timestamp: int | None = None) -> None:
+        if not self.ended:
+            self.events.append(_sdk.event(name, attributes, timestamp or time.time_ns()))
+
+    def add_link(self, context: SpanContext, attributes=None) -> None:
+        if not self.ended and context.is_valid:
+            self.links.append(trace.Link(context, attributes))
+
+    def update_name(self, name: str) -> None:
+        if not self.ended:
+            self.name = name
+
+    def set_status(self, status, description: str | None = None) -> None:
+        # As the SDK's: OK is final, and only an error keeps a description.
+        if self.ended or self.status.status_code is StatusCode.OK:
+            return
+        self.status = status if isinstance(status, Status) else Status(status, description)
+
+    def record_exception(self, exception: BaseException, attributes=None,
+                         timestamp: int | None = None, escaped: bool = False) -> None:
+        kind = type(exception)
+        module = kind.__module__
+        self.add_event("exception", {
+            "exception.type": kind.__qualname__ if module in (None, "builtins")
+            else f"{module}.{kind.__qualname__}",
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped), **(attributes or {})}, timestamp)
+
+
+_UNSET = Status(StatusCode.UNSET)
 
 
 def _context_of(parent: str | None):
@@ -148,7 +254,7 @@ def saga_attributes(saga_id: str, saga_type: str, step: int | None = None,
 
 def annotate(**attributes) -> None:
     """Add attributes to the current span (what a handler learns once it reads its event)."""
-    if _tracer is not None:
+    if _sdk is not None:
         current = trace.get_current_span()
         for key, value in attributes.items():
             current.set_attribute(key, value)
@@ -163,7 +269,7 @@ def outcome(current, outcome_name: str, failed: bool = False) -> None:
 
 def traceparent(current=None) -> str | None:
     """The W3C traceparent of a span (the current one by default), None when off."""
-    if _tracer is None or current is OFF:
+    if _sdk is None or current is OFF:
         return None
     context = (current or trace.get_current_span()).get_span_context()
     if not context.is_valid:
