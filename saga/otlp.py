@@ -45,11 +45,28 @@ def _field(tag: bytes, data: bytes) -> bytes:
 
 
 _keys: dict[str, bytes] = {}   # attribute key -> its KeyValue.key field (a few dozen keys)
+# (key, type, value) -> its KeyValue, for the values that recur (a type, a step, an
+# outcome); not for long strings such as a saga's id, nor floats (-0.0 == 0.0).
+_recurring: dict[tuple, bytes] = {}
 
 
 def _attribute(key: str, value) -> bytes | None:
     """Span.attributes' KeyValue for a scalar value; None for what only the library writes."""
     kind = type(value)
+    if kind is int or kind is bool or (kind is str and len(value) <= 24):
+        entry = (key, kind, value)
+        encoded = _recurring.get(entry)
+        if encoded is None:
+            encoded = _encode_attribute(key, kind, value)
+            if encoded is not None:
+                if len(_recurring) >= 4096:
+                    _recurring.clear()
+                _recurring[entry] = encoded
+        return encoded
+    return _encode_attribute(key, kind, value)
+
+
+def _encode_attribute(key: str, kind: type, value) -> bytes | None:
     if kind is str:
         any_value = _field(b"\x0a", value.encode())
     elif kind is bool:
@@ -68,6 +85,9 @@ def _attribute(key: str, value) -> bytes | None:
     return _field(b"\x4a", encoded_key + _field(b"\x12", any_value))
 
 
+_names: dict[tuple, bytes] = {}   # (name, kind) -> their fields (a few dozen names)
+
+
 def _span(span) -> bytes:
     """One span as ScopeSpans.spans (field 2)."""
     context = span.context
@@ -79,10 +99,14 @@ def _span(span) -> bytes:
     parent = span.parent
     if parent is not None:
         parts += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
-    if span.name:
-        parts.append(_field(b"\x2a", span.name.encode()))
-    parts += (_KIND[span.kind],
-              b"\x39", _fixed64(span.start_time), b"\x41", _fixed64(span.end_time))
+    name_and_kind = _names.get((span.name, span.kind))
+    if name_and_kind is None:
+        name_and_kind = (_field(b"\x2a", span.name.encode()) if span.name else b"") + \
+            _KIND[span.kind]
+        if len(_names) < 1000:
+            _names[(span.name, span.kind)] = name_and_kind
+    parts += (name_and_kind, b"\x39", _fixed64(span.start_time),
+              b"\x41", _fixed64(span.end_time))
     for key, value in span.attributes.items():
         attribute = _attribute(key, value)
         if attribute is None:

@@ -14,6 +14,7 @@ and exporter decide and send them, but making one costs a third of the SDK's spa
 locks, bounds and copies what these few spans never need). With tracing off, `span()`
 hands back one shared do-nothing span: the hot path pays a function call."""
 
+import functools
 import logging
 import os
 import socket
@@ -50,6 +51,10 @@ class _Sdk:
                                                  provider.resource)
         self.processor = processor
         self.scope = InstrumentationScope("saga")
+        # The default sampler (parentbased_always_on) decides without being asked: a
+        # span is sampled if its parent is, or if it starts a trace.
+        from opentelemetry.sdk.trace.sampling import DEFAULT_ON
+        self.follow_parent = self.sampler is DEFAULT_ON
 
 
 def setup(default_name: str) -> None:
@@ -131,24 +136,32 @@ class Span(trace.Span):
         self.status, self.events, self.links, self.ended = _UNSET, [], [], False
 
     def __enter__(self):
-        sdk, context = _sdk, _context_of(self.parent)
-        parent = trace.get_current_span(context).get_span_context()
+        sdk = _sdk
+        parent = _parent_of(self.parent) if self.parent else None
+        if parent is None:
+            parent = trace.get_current_span().get_span_context()
         if parent.is_valid:
             trace_id, random_id = parent.trace_id, parent.trace_flags.random_trace_id
         else:
             parent, trace_id = None, sdk.ids.generate_trace_id()
             random_id = sdk.ids.is_trace_id_random()
-        sampling = sdk.sampler.should_sample(context, trace_id, self.name, self.kind,
-                                             self.attributes)
-        flags = TraceFlags.SAMPLED if sampling.decision.is_sampled() else TraceFlags.DEFAULT
+        if sdk.follow_parent:
+            sampled = recording = parent is None or parent.trace_flags.sampled
+            trace_state = parent.trace_state if parent is not None else None
+        else:
+            sampling = sdk.sampler.should_sample(
+                trace.set_span_in_context(NonRecordingSpan(parent)) if parent else None,
+                trace_id, self.name, self.kind, self.attributes)
+            sampled, recording = sampling.decision.is_sampled(), sampling.decision.is_recording()
+            trace_state, self.attributes = sampling.trace_state, dict(sampling.attributes)
+        flags = TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT
         if random_id:
             flags |= TraceFlags.RANDOM_TRACE_ID
         self.context = SpanContext(trace_id, sdk.ids.generate_span_id(), is_remote=False,
-                                   trace_flags=TraceFlags(flags),
-                                   trace_state=sampling.trace_state)
+                                   trace_flags=TraceFlags(flags), trace_state=trace_state)
         self.parent_context = parent
-        if sampling.decision.is_recording():
-            self.attributes, self.start, current = dict(sampling.attributes), time.time_ns(), self
+        if recording:
+            self.start, current = time.time_ns(), self
         else:
             self.ended, current = True, NonRecordingSpan(self.context)
         self.token = otel_context.attach(trace.set_span_in_context(current))
@@ -224,12 +237,11 @@ class Span(trace.Span):
 _UNSET = Status(StatusCode.UNSET)
 
 
-def _context_of(parent: str | None):
-    """The context whose span is a remote parent, from its traceparent (None: none, or
-    not a valid one, and the span starts under the current one)."""
-    if not parent:
-        return None
-    parts = parent.split("-")
+@functools.lru_cache(maxsize=256)   # a saga's calls share its traceparent
+def _parent_of(traceparent: str) -> SpanContext | None:
+    """The remote parent a traceparent names (None: not a valid one, and the span starts
+    under the current one)."""
+    parts = traceparent.split("-")
     try:
         if len(parts) != 4 or parts[0] != "00":
             raise ValueError
@@ -237,9 +249,7 @@ def _context_of(parent: str | None):
                               trace_flags=TraceFlags(int(parts[3], 16) & 1))
     except ValueError:
         return None
-    if not context.is_valid:
-        return None
-    return trace.set_span_in_context(NonRecordingSpan(context))
+    return context if context.is_valid else None
 
 
 def saga_attributes(saga_id: str, saga_type: str, step: int | None = None,
