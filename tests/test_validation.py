@@ -71,6 +71,8 @@ def test_unreadable_body_is_refused_and_nothing_is_written(live_system, raw, con
     ("B", {"saga_id": "s1", "user_id": -1, "address": "x"}, "user_id"),
     ("C", {"saga_id": "s1", "user_id": 1}, "payment_method"),
     ("C", {"saga_id": "x" * 37, "user_id": 1, "payment_method": "Visa"}, "saga_id"),
+    ("B", {"saga_id": "s1", "op": "nope", "user_id": 1, "address": "x"}, "op"),
+    ("B", {"saga_id": "s1", "op": ["address"], "user_id": 1, "address": "x"}, "op"),
 ])
 def test_services_refuse_bad_invoke_and_write_nothing(live_system, service, body, field):
     resp = requests.post(live_system.service(service) + "/invoke", json=body, timeout=5)

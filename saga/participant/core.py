@@ -44,13 +44,17 @@ class Participant:
                 **more):
         """The span of one call or event this service serves: a child of its caller's."""
         op = fields.get("op", self.default_op)
-        return tracing.span(f"{action} {self.service} {op}", parent, kind,
-                            **{"saga.id": str(fields.get("saga_id")), "saga.service": self.service,
-                               "saga.op": str(op), "saga.action": action, **more})
+        # A span's name is what a tracing backend groups by: never a request's junk.
+        known = isinstance(op, str) and op in self.operations
+        name = f"{action} {self.service} {op if known else 'unknown-op'}"
+        return tracing.span(name, parent, kind,
+                            **{"saga.id": str(fields.get("saga_id"))[:64],
+                               "saga.service": self.service, "saga.op": str(op)[:64],
+                               "saga.action": action, **more})
 
     def operation(self, fields: dict) -> Operation:
         name = fields.get("op", self.default_op)
-        if name not in self.operations:
+        if not isinstance(name, str) or name not in self.operations:
             raise ApiError(f"op must be one of {', '.join(self.operations)} at service "
                            f"{self.service}, not {name!r}", "op")
         return self.operations[name]
