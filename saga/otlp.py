@@ -6,7 +6,10 @@ The spans this project makes are plain (ids, name, kind, times, scalar attribute
 status), and for those `encode_spans` writes the same bytes in about 11 µs. Anything
 else in a span (events, links, a trace state, a list as a value, dropped counts) is
 encoded by the library, span by span; a resource and a scope are encoded by it once
-each. `tests/test_otlp.py` checks the bytes against the library's."""
+each. Spans are grouped by their resource and scope objects (one each in a process),
+not by equality as the library does: equal objects apart would be two groups, which
+OTLP allows. `tests/test_otlp.py` checks the bytes against the library's. It uses the
+exporter's `_client` and `_max_request_size`: opentelemetry 1.45 (pinned)."""
 
 import logging
 import struct
@@ -80,8 +83,9 @@ def _encode_attribute(key: str, kind: type, value) -> bytes | None:
     encoded_key = _keys.get(key)
     if encoded_key is None:
         encoded_key = _field(b"\x0a", key.encode())
-        if len(_keys) < 1000:
-            _keys[key] = encoded_key
+        if len(_keys) >= 1000:
+            _keys.clear()
+        _keys[key] = encoded_key
     return _field(b"\x4a", encoded_key + _field(b"\x12", any_value))
 
 
@@ -103,7 +107,9 @@ def _span(span) -> bytes:
     if name_and_kind is None:
         name_and_kind = (_field(b"\x2a", span.name.encode()) if span.name else b"") + \
             _KIND[span.kind]
-        if len(_names) < 1000:
+        if len(span.name) <= 64:   # not a name made of a request's junk
+            if len(_names) >= 1000:
+                _names.clear()
             _names[(span.name, span.kind)] = name_and_kind
     parts += (name_and_kind, b"\x39", _fixed64(span.start_time),
               b"\x41", _fixed64(span.end_time))
@@ -118,6 +124,21 @@ def _span(span) -> bytes:
                         + (bytes((0x18, code)) if code else b"")))
     parts.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
     return _field(b"\x12", b"".join(parts))
+
+
+def _span_or_library(span) -> bytes:
+    """A span's bytes, written here or (for what this cannot write: text that is not
+    UTF-8, such as a lone surrogate from a request's JSON) by the library, which drops
+    the attribute it cannot encode; a span neither can write is left out, alone."""
+    try:
+        return _span(span)
+    except (UnicodeError, ValueError, TypeError):
+        try:
+            return _library_span(span)
+        except Exception as exc:   # noqa: BLE001 - one span, not the batch
+            log.warning("tracing: span %r left out, it cannot be encoded: %s: %s",
+                        span.name, type(exc).__name__, exc)
+            return b""
 
 
 def _library_span(span) -> bytes:
@@ -156,7 +177,7 @@ def encode_spans(spans) -> bytes:
         resource = _once(_resources, span.resource, span, _resource_of)
         scopes = groups.setdefault(id(resource), (resource, {}))[1]
         scope = _once(_scopes, span.instrumentation_scope, span, _scope_of)
-        scopes.setdefault(id(scope), (scope, []))[1].append(_span(span))
+        scopes.setdefault(id(scope), (scope, []))[1].append(_span_or_library(span))
     out = []
     for (_, resource, resource_schema), scopes in groups.values():
         body = [resource]
@@ -173,12 +194,17 @@ class SpanExporter(OTLPSpanExporter):
 
     def export(self, spans) -> SpanExportResult:
         if self._shutdown:
+            log.warning("tracing: exporter already shut down, %d spans not sent", len(spans))
             return SpanExportResult.FAILURE
         try:
             data = encode_spans(spans)
-        except Exception as exc:   # noqa: BLE001 - a span it cannot write loses its batch only
+        except Exception as exc:   # noqa: BLE001 - a batch it cannot write is lost alone
             log.error("tracing: could not encode %d spans: %s: %s", len(spans),
                       type(exc).__name__, exc)
+            return SpanExportResult.FAILURE
+        if 0 < self._max_request_size < len(data):   # as the library's exporter does
+            log.warning("tracing: %d spans not sent: %d bytes is over the %d-byte limit",
+                        len(spans), len(data), self._max_request_size)
             return SpanExportResult.FAILURE
         result = self._client.export(data)
         return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE

@@ -17,9 +17,11 @@ hands back one shared do-nothing span: the hot path pays a function call."""
 import functools
 import logging
 import os
+import re
 import socket
 import time
 import traceback
+import weakref
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import (NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode,
@@ -29,7 +31,9 @@ log = logging.getLogger("saga")
 
 EXPORTERS = ("none", "otlp", "console")
 EXPORTER = os.environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower() or "none"
-ENABLED = EXPORTER != "none"
+# OTEL_SDK_DISABLED=true turns the SDK off whatever the exporter, as the SDK does.
+ENABLED = EXPORTER != "none" and \
+    os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() != "true"
 CLIENT, SERVER, PRODUCER, CONSUMER = (SpanKind.CLIENT, SpanKind.SERVER, SpanKind.PRODUCER,
                                       SpanKind.CONSUMER)
 
@@ -47,14 +51,34 @@ class _Sdk:
         from opentelemetry.sdk.trace import Event, ReadableSpan
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
         self.readable, self.event = ReadableSpan, Event
-        self.sampler, self.ids, self.resource = (provider.sampler, provider.id_generator,
-                                                 provider.resource)
+        self.provider, self.sampler, self.ids = provider, provider.sampler, provider.id_generator
+        self.resource = provider.resource
         self.processor = processor
+        # A service's app is built in gunicorn's master and its workers are forks: the
+        # SDK gives a forked child a resource of its own, and so does this, naming it.
+        if hasattr(os, "register_at_fork"):
+            forked = weakref.WeakMethod(self.forked)
+
+            def after_in_child():
+                if (method := forked()) is not None:
+                    method()
+            os.register_at_fork(after_in_child=after_in_child)
         self.scope = InstrumentationScope("saga")
         # The default sampler (parentbased_always_on) decides without being asked: a
         # span is sampled if its parent is, or if it starts a trace.
         from opentelemetry.sdk.trace.sampling import DEFAULT_ON
         self.follow_parent = self.sampler is DEFAULT_ON
+
+
+    def forked(self) -> None:
+        from opentelemetry.sdk.resources import Resource
+        self.resource = self.provider.resource.merge(
+            Resource({"service.instance.id": instance_id()}))
+
+
+def instance_id() -> str:
+    """Which process made a span: host:pid (an orchestrator's is the start of its owner id)."""
+    return f"{socket.gethostname()[:30]}:{os.getpid()}"
 
 
 def setup(default_name: str) -> None:
@@ -83,8 +107,7 @@ def setup(default_name: str) -> None:
     # Which process made a span is the resource's (said once per batch, not per span):
     # an orchestrator's instance id is the start of its owner id in /health.
     provider = TracerProvider(resource=Resource.create({
-        "service.name": name,
-        "service.instance.id": f"{socket.gethostname()[:30]}:{os.getpid()}"}))
+        "service.name": name, "service.instance.id": instance_id()}))
     # The batch processor starts its thread again in a forked worker by itself.
     processor = BatchSpanProcessor(exporter)
     provider.add_span_processor(processor)   # (for spans of other libraries' tracers)
@@ -217,10 +240,12 @@ class Span(trace.Span):
             self.name = name
 
     def set_status(self, status, description: str | None = None) -> None:
-        # As the SDK's: OK is final, and only an error keeps a description.
-        if self.ended or self.status.status_code is StatusCode.OK:
+        # As the SDK's: OK is final, UNSET is no change, only an error keeps a description.
+        status = status if isinstance(status, Status) else Status(status, description)
+        if self.ended or self.status.status_code is StatusCode.OK or \
+                status.status_code is StatusCode.UNSET:
             return
-        self.status = status if isinstance(status, Status) else Status(status, description)
+        self.status = status
 
     def record_exception(self, exception: BaseException, attributes=None,
                          timestamp: int | None = None, escaped: bool = False) -> None:
@@ -237,18 +262,23 @@ class Span(trace.Span):
 _UNSET = Status(StatusCode.UNSET)
 
 
-@functools.lru_cache(maxsize=256)   # a saga's calls share its traceparent
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
 def _parent_of(traceparent: str) -> SpanContext | None:
-    """The remote parent a traceparent names (None: not a valid one, and the span starts
-    under the current one)."""
-    parts = traceparent.split("-")
-    try:
-        if len(parts) != 4 or parts[0] != "00":
-            raise ValueError
-        context = SpanContext(int(parts[1], 16), int(parts[2], 16), is_remote=True,
-                              trace_flags=TraceFlags(int(parts[3], 16) & 1))
-    except ValueError:
+    """The remote parent a version-00 traceparent names (None: not a valid one, and the
+    span starts under the current one)."""
+    return _parsed(traceparent) if len(traceparent) == 55 else None
+
+
+@functools.lru_cache(maxsize=256)   # a saga's calls share its traceparent
+def _parsed(traceparent: str) -> SpanContext | None:
+    match = _TRACEPARENT.fullmatch(traceparent)
+    if match is None:
         return None
+    trace_id, span_id, flags = match.groups()
+    context = SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True,
+                          trace_flags=TraceFlags(int(flags, 16)))
     return context if context.is_valid else None
 
 

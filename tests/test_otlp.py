@@ -9,6 +9,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as library_encode
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -86,3 +87,22 @@ def test_the_spans_this_project_makes_take_the_fast_path(monkeypatch):
     monkeypatch.setattr(otlp, "_library_span", lambda span: (_ for _ in ()).throw(
         AssertionError("fell back to the library")))
     assert otlp.encode_spans(spans) == expected
+
+
+def test_text_that_is_not_utf8_loses_what_the_library_loses_and_no_more(caplog):
+    """A lone surrogate (valid in JSON, not in UTF-8) in an attribute: the library drops
+    that attribute, and so do these bytes; in a name, that span is left out, alone."""
+    memory.clear()
+    for name, value in (("ok", "fine"), ("bad value", "\ud800"), ("bad name \udfff", "x"),
+                        ("after", "fine")):
+        make({"tracer": tracers[0], "name": name, "kind": SpanKind.SERVER, "parent": "none",
+              "attributes": {"saga.id": value, "saga.step": 1}, "status": None,
+              "description": "", "event": False, "link": False, "trace_state": False})
+    spans = memory.get_finished_spans()
+    expected = ExportTraceServiceRequest.FromString(
+        library_encode([s for s in spans if s.name != "bad name \udfff"]).SerializeToString())
+    sent = ExportTraceServiceRequest.FromString(otlp.encode_spans(spans))
+    assert sent == expected
+    names = [s.name for s in sent.resource_spans[0].scope_spans[0].spans]
+    assert names == ["ok", "bad value", "after"]
+    assert "left out" in caplog.text

@@ -3,6 +3,10 @@ processor. They must behave as the SDK's would: sampled by the configured sample
 parents and children of the SDK's spans both ways, statuses and exceptions as the SDK
 records them, and a traceparent that says whether the trace is sampled."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -92,14 +96,71 @@ def test_an_unsampled_caller_is_followed_and_says_so_downstream(sdk):
     assert child_header.endswith("-00") and child_header != header
 
 
-@pytest.mark.parametrize("sampler, recorded", [(ALWAYS_OFF, 0),
-                                               (ParentBased(TraceIdRatioBased(1.0)), 3)])
-def test_the_configured_sampler_decides(sdk, sampler, recorded):
+@pytest.mark.parametrize("sampler, caller, recorded", [
+    (ALWAYS_OFF, None, 0), (ParentBased(TraceIdRatioBased(1.0)), None, 3),
+    (ParentBased(TraceIdRatioBased(0.0)), None, 0),
+    (ParentBased(TraceIdRatioBased(0.0)), CALLER, 3),   # follows the sampled caller
+    (TraceIdRatioBased(0.0), CALLER, 0),                # decides alone
+    (ParentBased(TraceIdRatioBased(1.0)), UNSAMPLED_CALLER, 0)])
+def test_the_configured_sampler_decides(sdk, sampler, caller, recorded):
     memory, _ = sdk(sampler)
     for _ in range(3):
-        with tracing.span("saga registration", None, tracing.SERVER):
+        with tracing.span("saga registration", caller, tracing.SERVER):
             pass
     assert len(memory.get_finished_spans()) == recorded
+
+
+@pytest.mark.parametrize("header", [
+    CALLER.upper(), "00-0x" + CALLER[5:], CALLER[:-1],
+    "ff" + CALLER[2:], CALLER + "-extra", "00-" + "0" * 32 + CALLER[35:], "", "garbage"])
+def test_a_malformed_traceparent_starts_a_new_trace(sdk, header):
+    memory, _ = sdk()
+    with tracing.span("saga registration", header, tracing.SERVER):
+        pass
+    [done] = memory.get_finished_spans()
+    assert done.parent is None and done.context.trace_id != 0x0af7651916cd43dd8448eb211c80319c
+
+
+def test_a_callers_random_flag_reaches_the_children(sdk):
+    """The random-id flag (W3C level 2) of a caller stays on its trace, as the SDK keeps it."""
+    sdk()
+    with tracing.span("saga registration", CALLER[:-2] + "03", tracing.SERVER) as span:
+        assert tracing.traceparent(span).endswith("-03")
+
+
+def test_unset_does_not_clear_an_error(sdk):
+    memory, _ = sdk()
+    with tracing.span("x") as span:
+        span.set_status(StatusCode.ERROR, "failed")
+        span.set_status(StatusCode.UNSET)
+    assert memory.get_finished_spans()[0].status.status_code is StatusCode.ERROR
+
+
+def test_a_forked_worker_names_itself_in_its_spans(sdk):
+    """Services build their app in gunicorn's master; each worker is a fork."""
+    sdk()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the worker
+        try:
+            os.write(write, tracing._sdk.resource.attributes["service.instance.id"].encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    named = os.read(read, 200).decode()
+    os.waitpid(pid, 0)
+    assert named.endswith(f":{pid}")
+    assert tracing._sdk.resource.attributes["service.name"] == "test"
+
+
+def test_otel_sdk_disabled_turns_tracing_off():
+    code = ("from saga import tracing; tracing.setup('x'); "
+            "print(tracing.span('a') is tracing.OFF)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "OTEL_TRACES_EXPORTER": "console",
+                              "OTEL_SDK_DISABLED": "true"}, check=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "True"
 
 
 def test_a_span_keeps_only_values_otlp_carries(sdk):
