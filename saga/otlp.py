@@ -159,15 +159,20 @@ def _once(cache: dict, key, span, encode) -> tuple:
     return entry
 
 
+def _schema_url(url: str) -> bytes:
+    """ResourceSpans' or ScopeSpans' schema_url field (field 3 of both), if any."""
+    return _field(b"\x1a", url.encode()) if url else b""
+
+
 def _resource_of(resource_spans) -> tuple:
     return (_field(b"\x0a", resource_spans.resource.SerializeToString()),
-            _field(b"\x1a", resource_spans.schema_url.encode()) if resource_spans.schema_url else b"")
+            _schema_url(resource_spans.schema_url))
 
 
 def _scope_of(resource_spans) -> tuple:
     scope_spans = resource_spans.scope_spans[0]
     return (_field(b"\x0a", scope_spans.scope.SerializeToString()),
-            _field(b"\x1a", scope_spans.schema_url.encode()) if scope_spans.schema_url else b"")
+            _schema_url(scope_spans.schema_url))
 
 
 def encode_spans(spans) -> bytes:

@@ -20,7 +20,6 @@ import os
 import re
 import socket
 import time
-import traceback
 import weakref
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -49,8 +48,12 @@ class _Sdk:
 
     def __init__(self, provider, processor):
         from opentelemetry.sdk.trace import Event, ReadableSpan
+        from opentelemetry.sdk.trace import Span as SdkSpan
+        from opentelemetry.sdk.trace.sampling import DEFAULT_ON
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
         self.readable, self.event = ReadableSpan, Event
+        # The SDK's own, which needs only add_event of the span it is given.
+        self.record_exception = SdkSpan.record_exception
         self.provider, self.sampler, self.ids = provider, provider.sampler, provider.id_generator
         self.resource = provider.resource
         self.processor = processor
@@ -66,9 +69,7 @@ class _Sdk:
         self.scope = InstrumentationScope("saga")
         # The default sampler (parentbased_always_on) decides without being asked: a
         # span is sampled if its parent is, or if it starts a trace.
-        from opentelemetry.sdk.trace.sampling import DEFAULT_ON
         self.follow_parent = self.sampler is DEFAULT_ON
-
 
     def forked(self) -> None:
         from opentelemetry.sdk.resources import Resource
@@ -156,7 +157,7 @@ class Span(trace.Span):
 
     def __init__(self, name, parent, kind, attributes):
         self.name, self.parent, self.kind, self.attributes = name, parent, kind, attributes
-        self.status, self.events, self.links, self.ended = _UNSET, [], [], False
+        self.status, self.events, self.links, self.ended = _UNSET, (), (), False
 
     def __enter__(self):
         sdk = _sdk
@@ -203,7 +204,7 @@ class Span(trace.Span):
         self.ended = True
         _sdk.processor.on_end(_sdk.readable(
             self.name, self.context, self.parent_context, _sdk.resource, self.attributes,
-            tuple(self.events), tuple(self.links), self.kind, None, self.status, self.start,
+            self.events, self.links, self.kind, None, self.status, self.start,
             end_time or time.time_ns(), _sdk.scope))
 
     def get_span_context(self) -> SpanContext:
@@ -229,11 +230,11 @@ class Span(trace.Span):
 
     def add_event(self, name: str, attributes=None, timestamp: int | None = None) -> None:
         if not self.ended:
-            self.events.append(_sdk.event(name, attributes, timestamp or time.time_ns()))
+            self.events += (_sdk.event(name, attributes, timestamp or time.time_ns()),)
 
     def add_link(self, context: SpanContext, attributes=None) -> None:
         if not self.ended and context.is_valid:
-            self.links.append(trace.Link(context, attributes))
+            self.links += (trace.Link(context, attributes),)
 
     def update_name(self, name: str) -> None:
         if not self.ended:
@@ -249,14 +250,7 @@ class Span(trace.Span):
 
     def record_exception(self, exception: BaseException, attributes=None,
                          timestamp: int | None = None, escaped: bool = False) -> None:
-        kind = type(exception)
-        module = kind.__module__
-        self.add_event("exception", {
-            "exception.type": kind.__qualname__ if module in (None, "builtins")
-            else f"{module}.{kind.__qualname__}",
-            "exception.message": str(exception),
-            "exception.stacktrace": "".join(traceback.format_exception(exception)),
-            "exception.escaped": str(escaped), **(attributes or {})}, timestamp)
+        _sdk.record_exception(self, exception, attributes, timestamp, escaped)
 
 
 _UNSET = Status(StatusCode.UNSET)
